@@ -1,0 +1,32 @@
+"""Test environment: offline, CPU, quiet; shared helpers for building small models."""
+
+import os
+
+# Tests never wait on the network: the hub libraries read these at import time.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def repo() -> Path:
+    return REPO
+
+
+def randomize_head(model: torch.nn.Module, seed: int = 0) -> None:
+    """The head is zero-initialised; give it weights so outputs and gradients depend on every layer."""
+    gen = torch.Generator().manual_seed(seed)
+    conv = model.head[-1]
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * 0.1)
+        conv.bias.copy_(torch.randn(conv.bias.shape, generator=gen) * 0.1)

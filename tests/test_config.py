@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+from liquid_diffusion import ConfigError, ExperimentConfig, LiquidUNet, ModelConfig
+from liquid_diffusion.config import flatten_overrides
+
+
+def count_params(cfg: ModelConfig) -> int:
+    with torch.device("meta"):  # shapes only; nothing is allocated
+        return sum(p.numel() for p in LiquidUNet(cfg).parameters())
+
+
+@pytest.mark.parametrize(
+    "preset, low, high",
+    [("tiny", 21e6, 25.5e6), ("small", 63e6, 78e6), ("base", 140e6, 170e6)],
+)
+def test_preset_parameter_counts_at_4x32x32(preset, low, high):
+    n = count_params(ModelConfig.preset(preset, in_channels=4, resolution=32))
+    assert low <= n <= high, f"{preset}: {n / 1e6:.2f}M"
+
+
+def test_micro_is_the_smallest_preset():
+    sizes = [count_params(ModelConfig.preset(p)) for p in ("micro", "tiny", "small", "base")]
+    assert sizes == sorted(sizes) and sizes[0] < 5e6
+
+
+@pytest.mark.parametrize("preset", ["micro", "tiny"])
+def test_plain_conv_matches_cfc_parameter_count_within_5_percent(preset):
+    cfc = count_params(ModelConfig.preset(preset))
+    conv = count_params(ModelConfig.preset(preset, mixer="conv"))
+    assert abs(conv - cfc) / cfc < 0.05
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"relx": "none"}, "relx"),
+        ({"mixer": "transformer"}, "mixer"),
+        ({"kernels": [3, 4]}, "kernels"),
+        ({"kernels": []}, "kernels"),
+        ({"resolution": 30}, "resolution"),
+        ({"gate": "sometimes"}, "gate"),
+        ({"relax": "x"}, "relax"),
+        ({"in_channels": 2}, "in_channels"),
+        ({"global_pool": "maybe"}, "global_pool"),
+        ({"depths": [1, 1]}, "depths"),
+        ({"ff_mult": 0}, "ff_mult"),
+    ],
+)
+def test_bad_model_config_is_a_value_error_naming_the_field(changes, field):
+    with pytest.raises(ValueError, match=field):
+        ModelConfig.preset("micro", **changes)
+
+
+def test_unknown_key_names_the_closest_valid_key():
+    with pytest.raises(ConfigError, match="did you mean 'relax'"):
+        ModelConfig.from_dict({"relx": "none"})
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(ConfigError, match="micro, tiny, small, base"):
+        ModelConfig.preset("huge")
+
+
+def test_on_off_spellings_and_lists_are_normalised():
+    cfg = ModelConfig.from_dict({"global_pool": "off", "adaln": "on", "kernels": [3, 5]})
+    assert cfg.global_pool is False and cfg.adaln is True and cfg.kernels == (3, 5)
+
+
+def test_overrides_apply_by_dotted_key_and_reject_unknown_keys():
+    base = ExperimentConfig()
+    cfg = base.with_overrides(flatten_overrides({"model": {"relax": "t"}, "train.lr": 1e-4}))
+    assert cfg.model.relax == "t" and cfg.train.lr == 1e-4 and base.model.relax == "temb"
+    with pytest.raises(ConfigError, match="did you mean 'train.lr'"):
+        base.with_overrides({"train.lrr": 1e-4})
+    with pytest.raises(ConfigError, match="t_sampling"):
+        base.with_overrides({"train.t_sampling": "beta"})
+
+
+def test_flat_config_round_trips():
+    cfg = ExperimentConfig().with_overrides({"model.kernels": [3], "train.ema_decay": 0.99})
+    assert ExperimentConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.flat()["model.kernels"] == [3]
