@@ -1,0 +1,347 @@
+"""The rectified-flow training loop: AdamW with warmup, EMA, mixed precision, checkpoints and resume.
+
+The budget is counted in training images. Rerunning with the same run folder resumes from its
+latest checkpoint and continues bit for bit on the CPU: every random draw comes from one seeded
+generator whose state is checkpointed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel
+from torchvision.utils import make_grid
+from tqdm.auto import tqdm
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import ConfigError, ExperimentConfig
+from .flow import euler_sample, rectified_flow_loss, sample_t
+from .model import LiquidUNet
+
+SAMPLE_NOISE_SEED = 1234  # the same fixed noise for every arm and seed, so sample grids compare
+T_BINS = 10
+
+
+class Tracker(Protocol):
+    """Where metrics and images go; study/ provides the MLflow one."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_image(self, image: np.ndarray, key: str, step: int) -> None: ...
+
+
+class NullTracker:
+    def log_metrics(self, metrics, step):
+        pass
+
+    def log_image(self, image, key, step):
+        pass
+
+
+class TrainingStopped(RuntimeError):
+    """The run ended early for a reason that is a result, not a bug."""
+
+
+class NonFiniteLoss(TrainingStopped):
+    pass
+
+
+class OverBudget(TrainingStopped):
+    pass
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda is not available on this machine; choose one of: auto, cpu")
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` is bf16 on GPUs that have it, fp16 on older GPUs, fp32 on the CPU."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("precision=fp16 needs a CUDA device; on the CPU choose one of: auto, fp32, bf16")
+    return precision
+
+
+@dataclass
+class TrainResult:
+    images_seen: int
+    steps: int
+    final_loss: float
+    resumed_from: int  # images seen at the checkpoint this process started from (0 = fresh)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time by activity, this process
+    peak_memory_gb: float = 0.0
+
+    @property
+    def overhead_fraction(self) -> float:
+        """Data, logging and checkpoint time as a share of training wall time, evaluation excluded."""
+        s = self.seconds
+        overhead = s.get("data", 0) + s.get("logging", 0) + s.get("checkpoint", 0)
+        return overhead / max(1e-9, overhead + s.get("step", 0))
+
+
+class LossWindow:
+    """Per-sample losses since the last log, overall and binned by t (minRF's cheap diagnostic)."""
+
+    def __init__(self):
+        self.sums = torch.zeros(T_BINS, dtype=torch.float64)
+        self.counts = torch.zeros(T_BINS, dtype=torch.float64)
+        self.images = 0
+        self.seconds = 0.0
+
+    def add(self, losses: torch.Tensor, t: torch.Tensor) -> None:
+        bins = (t.cpu() * T_BINS).long().clamp(0, T_BINS - 1)
+        self.sums.index_add_(0, bins, losses.cpu().double())
+        self.counts.index_add_(0, bins, torch.ones_like(losses.cpu(), dtype=torch.float64))
+        self.images += len(losses)
+
+    def metrics(self) -> dict[str, float]:
+        out = {"train/loss": float(self.sums.sum() / self.counts.sum())}
+        for i in range(T_BINS):
+            if self.counts[i] > 0:
+                out[f"train/loss_bin{i}"] = float(self.sums[i] / self.counts[i])
+        out["train/img_per_s"] = self.images / max(self.seconds, 1e-9)
+        return out
+
+
+class Trainer:
+    def __init__(self, cfg: ExperimentConfig, latents: torch.Tensor, codec, run_dir: Path,
+                 tracker: Tracker | None = None, device: str = "auto", progress: bool = True):
+        self.cfg, self.codec, self.run_dir = cfg, codec, Path(run_dir)
+        self.tracker = tracker or NullTracker()
+        self.progress = progress
+        tc = cfg.train
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(tc.precision, self.device)
+        if self.device.type == "cuda" and tc.vram_cap_gb:
+            # Enforce the budget's memory cap on larger GPUs, so a T4 budget means the same everywhere.
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, tc.vram_cap_gb * 2**30 / total), self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+        torch.manual_seed(tc.seed)
+        self.model = LiquidUNet(cfg.model).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        warmup_steps = math.ceil(tc.warmup_images / tc.batch_size)
+        if tc.lr_schedule == "cosine":
+            total_steps = math.ceil(tc.images / tc.batch_size)
+            self.lr_schedule = get_cosine_schedule_with_warmup(self.optimizer, warmup_steps, total_steps)
+        else:
+            self.lr_schedule = get_constant_schedule_with_warmup(self.optimizer, warmup_steps)
+        self.ema = EMAModel(self.model.parameters(), decay=tc.ema_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.generator = torch.Generator().manual_seed(tc.seed)
+        self.latents = latents.to(self.device)
+        channels, size = cfg.data.latent_shape
+        noise_gen = torch.Generator().manual_seed(SAMPLE_NOISE_SEED)
+        self.sample_noise = torch.randn(tc.n_samples, channels, size, size, generator=noise_gen)
+        self.images_seen = self.step = 0
+        self.wall_before = 0.0  # wall seconds spent by earlier processes on this run
+        self.resumed_from = 0
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        if (latest := latest_checkpoint(self.checkpoint_dir)) is not None:
+            self._restore(latest)
+
+    # --- checkpoints -------------------------------------------------------------------------
+
+    def _param_names(self) -> list[str]:
+        return [name for name, _ in self.model.named_parameters()]
+
+    def save(self) -> Path:
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        tensors.update({f"ema.{n}": p for n, p in zip(self._param_names(), self.ema.shadow_params)})
+        tensors["rng.torch"] = torch.get_rng_state()
+        tensors["rng.generator"] = self.generator.get_state()
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        state = {
+            "step": self.step,
+            "images_seen": self.images_seen,
+            "wall_seconds": self.wall_before + (time.perf_counter() - self._started),
+            "ema_optimization_step": self.ema.optimization_step,
+            "lr_schedule": self.lr_schedule.state_dict(),  # plain values; lr_lambdas is [None] for functions
+            "scaler": self.scaler.state_dict(),
+            "config": self.cfg.to_dict(),
+        }
+        return save_checkpoint(self.checkpoint_dir, self.images_seen, tensors, self.optimizer, state)
+
+    def _restore(self, path: Path) -> None:
+        tensors, state = load_checkpoint(path, self.optimizer)
+        if state["config"] != self.cfg.to_dict():
+            raise ConfigError(f"checkpoint {path} was written with another config; use another run folder")
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        for name, shadow in zip(self._param_names(), self.ema.shadow_params):
+            shadow.copy_(tensors[f"ema.{name}"])
+        self.ema.optimization_step = state["ema_optimization_step"]
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(tensors["rng.torch"])
+        self.generator.set_state(tensors["rng.generator"])
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        self.step, self.images_seen = state["step"], state["images_seen"]
+        self.wall_before = state["wall_seconds"]
+        self.resumed_from = self.images_seen
+
+    # --- training ----------------------------------------------------------------------------
+
+    def _autocast(self):
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def _batch(self):
+        tc = self.cfg.train
+        index = torch.randint(len(self.latents), (tc.batch_size,), generator=self.generator)
+        x0 = self.latents[index.to(self.device)]
+        noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
+        t = sample_t(tc.batch_size, tc.t_sampling, self.generator).to(self.device)
+        return x0, noise, t
+
+    def _train_step(self, x0, noise, t) -> torch.Tensor:
+        with self._autocast():
+            losses = rectified_flow_loss(self.model, x0, noise, t)
+        loss = losses.mean()
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"non-finite loss at step {self.step + 1}")
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        if self.cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_schedule.step()
+        self.ema.step(self.model.parameters())
+        return losses.detach()
+
+    def _check_wall(self) -> None:
+        limit = self.cfg.train.max_wall_minutes * 60
+        spent = self.wall_before + time.perf_counter() - self._started
+        if limit and spent > limit:
+            raise OverBudget(
+                f"over budget: {spent / 60:.1f} min of wall time exceeds the {self.cfg.train.max_wall_minutes:g} min cap "
+                f"after {self.images_seen} of {self.cfg.train.images} images"
+            )
+
+    def run(self) -> TrainResult:
+        tc = self.cfg.train
+        self._started = time.perf_counter()
+        seconds = dict.fromkeys(("data", "step", "logging", "eval", "checkpoint"), 0.0)
+        window, last_loss, last_eval = LossWindow(), float("nan"), -1
+        bar = tqdm(total=tc.images, initial=self.images_seen, unit="img", desc="train", disable=not self.progress,
+                   dynamic_ncols=True)
+
+        def crossed(every: int) -> bool:
+            return self.images_seen // every > (self.images_seen - tc.batch_size) // every
+
+        try:
+            while self.images_seen < tc.images:
+                t0 = time.perf_counter()
+                x0, noise, t = self._batch()
+                t1 = time.perf_counter()
+                losses = self._train_step(x0, noise, t)
+                window.add(losses, t)  # .cpu() here waits for the device, so step time is honest
+                t2 = time.perf_counter()
+                seconds["data"] += t1 - t0
+                seconds["step"] += t2 - t1
+                window.seconds += t2 - t0
+                self.step += 1
+                self.images_seen += tc.batch_size
+                bar.update(tc.batch_size)
+
+                if self.step % tc.log_every_steps == 0:
+                    metrics = window.metrics()
+                    metrics["train/lr"] = self.lr_schedule.get_last_lr()[0]
+                    self.tracker.log_metrics(metrics, step=self.images_seen)
+                    last_loss = metrics["train/loss"]
+                    bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{metrics['train/img_per_s']:.0f}")
+                    window = LossWindow()
+                    seconds["logging"] += time.perf_counter() - t2
+                if crossed(tc.eval_every_images) or self.images_seen >= tc.images:
+                    seconds["eval"] += self.evaluate()
+                    last_eval = self.images_seen
+                if crossed(tc.checkpoint_every_images) or self.images_seen >= tc.images:
+                    t3 = time.perf_counter()
+                    self.save()
+                    seconds["checkpoint"] += time.perf_counter() - t3
+                self._check_wall()
+            if window.images:
+                last_loss = window.metrics()["train/loss"]
+                self.tracker.log_metrics(window.metrics(), step=self.images_seen)
+            if last_eval != self.images_seen:  # e.g. a rerun of a finished run: evaluate once more
+                seconds["eval"] += self.evaluate()
+        except torch.OutOfMemoryError:
+            raise OverBudget(
+                f"over budget: out of memory under the {tc.vram_cap_gb:g} GB cap at step {self.step + 1}"
+            ) from None
+        finally:
+            bar.close()
+        result = TrainResult(self.images_seen, self.step, last_loss, self.resumed_from, seconds, self.peak_memory_gb())
+        self.tracker.log_metrics(
+            {"train/peak_mem_gb": result.peak_memory_gb, "train/overhead_frac": result.overhead_fraction},
+            step=self.images_seen,
+        )
+        return result
+
+    def peak_memory_gb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**30
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: whole process
+
+    # --- sampling ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Inside the block the model holds the EMA weights, in eval mode."""
+        self.ema.store(self.model.parameters())
+        self.ema.copy_to(self.model.parameters())
+        self.model.eval()
+        try:
+            yield self.model
+        finally:
+            self.ema.restore(self.model.parameters())
+            self.model.train()
+
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Decoded images in [-1, 1] from the EMA weights, `sample_steps` Euler steps."""
+        out = []
+        with self.ema_weights() as model, self._autocast():
+            for chunk in noise.split(batch_size):
+                latents = euler_sample(model, chunk.to(self.device), self.cfg.train.sample_steps)
+                out.append(self.codec.decode(latents.float()).float().cpu())
+        return torch.cat(out).clamp(-1, 1)
+
+    def evaluate(self) -> float:
+        """Log a grid of samples from the fixed noise; returns the seconds it took."""
+        start = time.perf_counter()
+        images = self.sample(self.sample_noise)
+        nrow = max(1, int(math.sqrt(len(images))))
+        grid = make_grid(images.add(1).div(2), nrow=nrow, padding=1)
+        array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        self.tracker.log_image(array, key="samples", step=self.images_seen)
+        elapsed = time.perf_counter() - start
+        self.tracker.log_metrics({"eval/seconds": elapsed}, step=self.images_seen)
+        return elapsed
+
+    def export_ema(self, directory: Path) -> Path:
+        """The EMA weights as a LiquidUNet folder (safetensors + config.json)."""
+        with self.ema_weights() as model:
+            model.save_pretrained(directory)
+        return Path(directory)
