@@ -11,58 +11,63 @@ import yaml
 from liquid_diffusion.config import ConfigError, ExperimentConfig, flatten_overrides
 
 ABLATIONS_DIR = Path(__file__).resolve().parent.parent / "ablations"
-ARM_KEYS = ("description", "overrides")
+ENTRY_KEYS = ("description", "overrides")
 
 
 @dataclass(frozen=True)
-class Arm:
+class OverrideSet:
+    """A named, described set of `section.key: value` overrides: an ablation arm or a budget profile."""
+
     name: str
     description: str
     overrides: dict[str, Any]
-    path: Path
+    source: str  # where it was read, for error messages
 
-    def resolve(self, base: ExperimentConfig) -> ExperimentConfig:
-        """The base config with this arm's overrides applied; errors name the arm's file."""
+    def apply(self, base: ExperimentConfig) -> ExperimentConfig:
         try:
             return base.with_overrides(self.overrides)
         except ConfigError as err:
-            raise ConfigError(f"{self.path}: {err}") from None
+            raise ConfigError(f"{self.source}: {err}") from None
 
 
-def _read_arm(path: Path) -> Arm:
+def parse_override_set(name: str, data: Any, source: str) -> OverrideSet:
+    """Validate the `{description, overrides}` shape shared by arm files and budget entries."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping with keys {', '.join(ENTRY_KEYS)}")
+    for key in data:
+        if key not in ENTRY_KEYS:
+            raise ConfigError(f"{source}: unknown key '{key}'; valid keys: {', '.join(ENTRY_KEYS)}")
+    description = data.get("description")
+    if not isinstance(description, str) or not description.strip():
+        raise ConfigError(f"{source}: 'description' must be a non-empty one-line string")
+    overrides = data.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{source}: 'overrides' must be a mapping of section.key: value")
+    return OverrideSet(name, description.strip(), flatten_overrides(overrides), source)
+
+
+def read_yaml(path: Path) -> Any:
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(Path(path).read_text())
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" (line {where.line + 1})" if where is not None else ""
         raise ConfigError(f"{path}: not valid YAML{line}: {getattr(err, 'problem', err)}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping with keys {', '.join(ARM_KEYS)}")
-    for key in data:
-        if key not in ARM_KEYS:
-            raise ConfigError(f"{path}: unknown key '{key}'; valid keys: {', '.join(ARM_KEYS)}")
-    description = data.get("description")
-    if not isinstance(description, str) or not description.strip():
-        raise ConfigError(f"{path}: 'description' must be a non-empty one-line string")
-    overrides = data.get("overrides") or {}
-    if not isinstance(overrides, dict):
-        raise ConfigError(f"{path}: 'overrides' must be a mapping of section.key: value")
-    return Arm(path.stem, description.strip(), flatten_overrides(overrides), path)
 
 
-def load_arms(directory: Path = ABLATIONS_DIR, base: ExperimentConfig | None = None) -> dict[str, Arm]:
+def load_arms(directory: Path = ABLATIONS_DIR, base: ExperimentConfig | None = None) -> dict[str, OverrideSet]:
     """Every arm in `directory`, by name; with `base`, each arm's overrides are validated against it."""
     paths = sorted(Path(directory).glob("*.yaml"))
     if not paths:
         raise ConfigError(f"no ablation files (*.yaml) in {directory}")
-    arms = {path.stem: _read_arm(path) for path in paths}
+    arms = {path.stem: parse_override_set(path.stem, read_yaml(path), str(path)) for path in paths}
     if base is not None:
         for arm in arms.values():
-            arm.resolve(base)
+            arm.apply(base)
     return arms
 
 
-def select_arms(arms: dict[str, Arm], spec: str) -> list[Arm]:
+def select_arms(arms: dict[str, OverrideSet], spec: str) -> list[OverrideSet]:
     """`all`, or a comma-separated list of arm names, in the order given."""
     if spec.strip() == "all":
         return list(arms.values())

@@ -18,9 +18,9 @@ def micro(**changes) -> ModelConfig:
 @pytest.mark.parametrize("arm", sorted(ARMS))
 def test_every_arm_runs_forward_and_backward(arm, shape):
     channels, size, _ = shape
-    base = ExperimentConfig(model=micro(in_channels=channels, resolution=size))
+    cfg = ARMS[arm].apply(ExperimentConfig(model=micro())).model.replace(in_channels=channels, resolution=size)
     torch.manual_seed(0)
-    model = LiquidUNet(ARMS[arm].resolve(base).model)
+    model = LiquidUNet(cfg)
     randomize_head(model)
     x, t = torch.randn(2, *shape), torch.rand(2)
     out = model(x, t)

@@ -1,0 +1,66 @@
+"""Train one resolved arm into one MLflow run: data, codec, latent cache, trainer, artifacts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+
+from liquid_diffusion.codecs import load_codec
+from liquid_diffusion.config import ExperimentConfig
+from liquid_diffusion.data import open_source
+from liquid_diffusion.latent_cache import load_or_encode
+from liquid_diffusion.train import Trainer, TrainingStopped, TrainResult, resolve_device
+
+from .tracking import DEFAULT_EXPERIMENT, MLflowTracker, read_marker, tracked_run
+
+
+@dataclass
+class TrialOutcome:
+    status: str  # FINISHED | FAILED (stopped early, see reason)
+    run_id: str
+    run_dir: Path
+    reason: str = ""
+    result: TrainResult | None = None
+
+
+def run_dir_for(out_root: Path, experiment: str, arm: str, cfg: ExperimentConfig, budget: str) -> Path:
+    """One folder per (experiment, arm, data, budget, seed, resolved config): a rerun finds its checkpoint."""
+    digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+    data = Path(cfg.data.dataset).name if "/" in cfg.data.dataset else cfg.data.dataset.replace(":", "_")
+    return Path(out_root) / experiment / arm / f"{data}-{budget}-seed{cfg.train.seed}-{digest}"
+
+
+def run_trial(cfg: ExperimentConfig, tags: dict[str, str], run_dir: Path, experiment: str = DEFAULT_EXPERIMENT,
+              device: str = "auto", cache_dir: Path | None = None, progress: bool = True) -> TrialOutcome:
+    """Train `cfg` to its budget, resuming from `run_dir` if an earlier attempt left a checkpoint.
+
+    Data and codec errors are raised before any MLflow run exists. SIGINT/SIGTERM and unexpected
+    errors propagate after the run is marked KILLED or FAILED.
+    """
+    run_dir = Path(run_dir)
+    marker = read_marker(run_dir)
+    if marker.get("status") == "FINISHED":
+        return TrialOutcome("FINISHED", marker["run_id"], run_dir, reason="already finished; nothing to do")
+
+    source = open_source(cfg.data)
+    codec = load_codec(cfg.data.codec, cfg.data.codec_weights).to(resolve_device(device))
+    latents = load_or_encode(source, codec, cfg.data, cache_dir, progress=progress)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    run_name = f"{tags.get('ablation', 'run')}-seed{cfg.train.seed}"
+    try:
+        with tracked_run(run_dir, experiment, run_name, tags, cfg.flat()) as run:
+            mlflow.log_dict(cfg.to_dict(), "config.yaml")
+            mlflow.log_metrics({"data/images": len(latents), "data/skipped": source.skipped}, step=0)
+            trainer = Trainer(cfg, latents, codec, run_dir, tracker=MLflowTracker(), device=device, progress=progress)
+            mlflow.log_param("model.parameters", sum(p.numel() for p in trainer.model.parameters()))
+            result = trainer.run()
+            mlflow.log_artifacts(str(trainer.export_ema(run_dir / "ema")), artifact_path="ema")
+            mlflow.log_metrics({f"time/{k}_s": v for k, v in result.seconds.items()}, step=result.images_seen)
+    except TrainingStopped as err:
+        return TrialOutcome("FAILED", read_marker(run_dir)["run_id"], run_dir, reason=str(err))
+    return TrialOutcome("FINISHED", run.info.run_id, run_dir, result=result)

@@ -1,0 +1,43 @@
+"""The quality bar of the default demo: `python study/run.py --ablation no_relax` makes recognisable digits.
+
+Slow (the whole cpu-demo budget, about 10 minutes on two cores): run with `pytest -m slow`.
+"""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from liquid_diffusion import LiquidUNet
+from liquid_diffusion.digits import load_classifier, score_digits
+from liquid_diffusion.flow import euler_sample
+
+
+@pytest.mark.slow
+def test_default_demo_samples_are_recognisable_digits(repo, tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "LIQUID_DIFFUSION_CACHE": str(tmp_path / "cache")}
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "study/run.py", "--ablation", "no_relax", "--out", str(tmp_path / "out"),
+                             "--no-progress"], cwd=repo, env=env, capture_output=True, text=True, timeout=1800)
+    minutes = (time.perf_counter() - start) / 60
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    [run] = client.search_runs([client.get_experiment_by_name("liquid-diffusion").experiment_id])
+    model = LiquidUNet.from_pretrained(client.download_artifacts(run.info.run_id, "ema", str(tmp_path))).eval()
+    size = model.model_config.resolution
+    noise = torch.randn(256, 1, size, size, generator=torch.Generator().manual_seed(0))
+    samples = euler_sample(model, noise, 25).clamp(-1, 1)
+    classifier, accuracy = load_classifier(size, tmp_path / "cache")
+    score = score_digits(classifier, samples)
+    print(f"\ndemo: {minutes:.1f} min wall; classifier held-out accuracy {accuracy:.3f}; "
+          f"{score.confident_frac:.1%} of 256 samples confident >= 0.9; {score.classes_present} classes; "
+          f"class entropy {score.class_entropy:.3f} (ln 10 = 2.303)")
+    assert accuracy >= 0.97
+    assert score.confident_frac >= 0.70
+    assert score.classes_present == 10

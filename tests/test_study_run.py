@@ -1,0 +1,169 @@
+"""study/run.py training end to end on cpu-smoke, into a temporary MLflow store."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+REPO_RUN = [sys.executable, "study/run.py"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+           "LIQUID_DIFFUSION_CACHE": str(root / "cache"), "PYTHONUNBUFFERED": "1"}
+    return root, env
+
+
+def run_cli(repo, env, *args, timeout=300):
+    return subprocess.run([*REPO_RUN, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def client_for(env) -> MlflowClient:
+    return MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+
+
+def runs_of(env, experiment, **tags):
+    client = client_for(env)
+    exp = client.get_experiment_by_name(experiment)
+    query = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
+    return client.search_runs([exp.experiment_id], filter_string=query) if exp else []
+
+
+def test_smoke_run_logs_tags_params_metrics_samples_and_weights(repo, store):
+    root, env = store
+    result = run_cli(repo, env, "--ablation", "no_relax", "--budget", "cpu-smoke", "--experiment", "smoke",
+                     "--out", str(root / "outputs"), "--no-progress")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "FINISHED: MLflow run" in result.stdout and "mlflow ui --backend-store-uri" in result.stdout
+    assert "harness overhead" in result.stdout
+    [run] = runs_of(env, "smoke")
+    assert run.info.status == "FINISHED"
+    assert {k: run.data.tags[k] for k in ("ablation", "dataset", "seed", "budget", "study")} == {
+        "ablation": "no_relax", "dataset": "mnist", "seed": "0", "budget": "cpu-smoke", "study": "no_relax-mnist-cpu-smoke"}
+    params = run.data.params
+    assert params["model.relax"] == "none" and params["model.mixer"] == "cfc" and float(params["train.lr"]) == 1e-3
+    assert params["data.dataset"] == "mnist" and int(params["model.parameters"]) > 0
+
+    client = client_for(env)
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in losses] == [16, 32, 48, 64, 80, 96]
+    assert all(m.value > 0 for m in losses)
+    for key in ("train/img_per_s", "train/loss_bin0", "train/lr", "eval/seconds", "train/peak_mem_gb"):
+        assert client.get_metric_history(run.info.run_id, key), key
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "ema", "images"} <= artifacts
+    config = yaml.safe_load(open(client.download_artifacts(run.info.run_id, "config.yaml", str(root))))
+    assert config["model"]["relax"] == "none"
+    ema = {a.path for a in client.list_artifacts(run.info.run_id, "ema")}
+    assert "ema/diffusion_pytorch_model.safetensors" in ema and "ema/config.json" in ema
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    # mlflow.log_image names each file samples+step+<step>+timestamp+...
+    steps = sorted({int(p.split("+step+")[1].split("+")[0]) for p in images if p.endswith(".png")})
+    assert steps == [48, 96]
+
+    again = run_cli(repo, env, "--ablation", "no_relax", "--budget", "cpu-smoke", "--experiment", "smoke",
+                    "--out", str(root / "outputs"), "--no-progress")
+    assert again.returncode == 0 and "already finished" in again.stdout
+    assert len(runs_of(env, "smoke")) == 1
+
+
+def test_non_finite_loss_marks_the_run_failed_with_the_reason(repo, store, monkeypatch, tmp_path):
+    root, env = store
+    monkeypatch.setenv("LIQUID_DIFFUSION_CACHE", str(root / "cache"))
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    import study.trial as trial
+    from study.arms import load_arms
+    from study.budgets import get_budget, load_budgets, resolve_config
+
+    def nan_latents(*args, **kwargs):
+        return torch.full((32, 1, 8, 8), float("nan"))
+
+    monkeypatch.setattr(trial, "load_or_encode", nan_latents)
+    cfg = resolve_config(load_arms()["baseline"], get_budget(load_budgets(), "cpu-smoke"), "mnist", 0)
+    outcome = trial.run_trial(cfg, {"ablation": "baseline"}, tmp_path / "run", "nan", device="cpu", progress=False)
+    assert outcome.status == "FAILED" and outcome.reason == "non-finite loss at step 1"
+    run = client_for(env).get_run(outcome.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["reason"] == "non-finite loss at step 1" and run.data.tags["status"] == "non_finite"
+
+
+def test_unexpected_error_marks_the_run_failed_with_the_error(store, monkeypatch, tmp_path):
+    root, env = store
+    monkeypatch.setenv("LIQUID_DIFFUSION_CACHE", str(root / "cache"))
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    import study.trial as trial
+    from study.arms import load_arms
+    from study.budgets import get_budget, load_budgets, resolve_config
+
+    def broken_run(self):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(trial.Trainer, "run", broken_run)
+    cfg = resolve_config(load_arms()["baseline"], get_budget(load_budgets(), "cpu-smoke"), "mnist", 0)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        trial.run_trial(cfg, {"ablation": "baseline"}, tmp_path / "run", "crash", device="cpu", progress=False)
+    [run] = runs_of(env, "crash")
+    assert run.info.status == "FAILED" and run.data.tags["error"] == "RuntimeError: disk on fire"
+
+
+def test_sigterm_marks_the_run_killed_and_a_rerun_resumes_it(repo, store, tmp_path):
+    root, env = store
+    budgets = yaml.safe_load((repo / "study" / "budgets.yaml").read_text())
+    smoke = budgets["cpu-smoke"]
+    smoke["overrides"].update({"train.images": 1600, "train.checkpoint_every_images": 32,
+                               "train.eval_every_images": 800, "train.log_every_steps": 5})
+    (tmp_path / "budgets.yaml").write_text(yaml.safe_dump({"cpu-smoke": smoke}))
+    args = ["--ablation", "baseline", "--budget", "cpu-smoke", "--experiment", "sigterm", "--no-progress",
+            "--out", str(tmp_path / "outputs"), "--budgets-file", str(tmp_path / "budgets.yaml")]
+    process = subprocess.Popen([*REPO_RUN, *args], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / "outputs").rglob("checkpoint-*")) and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "KILLED" in stderr
+    [run] = runs_of(env, "sigterm")
+    assert run.info.status == "KILLED" and "interrupted" in run.data.tags["reason"]
+
+    result = run_cli(repo, env, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed at" in result.stdout
+    [again] = runs_of(env, "sigterm")
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--budget", "gpu-fast"], "unknown budget 'gpu-fast'; valid budgets: cpu-smoke, cpu-demo"),
+        (["--dataset", "no/such/folder"], "dataset 'no/such/folder' is neither"),
+        (["--seed", "-3"], "--seed: invalid value '-3'"),
+        (["--seed", "one"], "--seed: invalid value 'one'"),
+        (["--device", "tpu"], "--device: invalid choice"),
+    ],
+)
+def test_bad_values_exit_2_with_one_line(repo, store, args, fragment):
+    _, env = store
+    result = run_cli(repo, env, "--ablation", "no_relax", *args, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and fragment in result.stderr, result.stderr
+
+
+def test_unreachable_hub_dataset_exits_2_before_any_run(repo, store, tmp_path):
+    root, env = store
+    result = run_cli(repo, env, "--ablation", "no_relax", "--dataset", "afhq", "--experiment", "hub",
+                     "--out", str(tmp_path), timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "huggan/AFHQv2" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert runs_of(env, "hub") == []
