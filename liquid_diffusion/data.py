@@ -160,7 +160,6 @@ def _open_folder(cfg: DataConfig) -> HFImageSource:
     import datasets
 
     root = Path(cfg.dataset).expanduser().resolve()
-    check_dataset_name(str(root))
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DataError(f"dataset folder '{root}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")

@@ -286,7 +286,7 @@ class Trainer:
                 self.tracker.log_metrics(window.metrics(), step=self.images_seen)
             if last_eval != self.images_seen:  # e.g. a rerun of a finished run: evaluate once more
                 seconds["eval"] += self.evaluate()
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:  # the cap set by set_per_process_memory_fraction
             raise OverBudget(
                 f"over budget: out of memory under the {tc.vram_cap_gb:g} GB cap at step {self.step + 1}"
             ) from None
