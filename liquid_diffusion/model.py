@@ -76,10 +76,10 @@ class ParallelCfC(nn.Module):
             a, b = self.a, self.b
         else:
             a, b = self.time_ab(temb)[:, None, None, :].chunk(2, dim=-1)
-        gate = torch.sigmoid(a * f - b)
+        gate = torch.sigmoid(torch.addcmul(-b, a, f))  # a * f - b
         if self.gate == "no_gate":
-            return self.proj(g + gate * h)
-        return self.proj(gate * g + (1 - gate) * h)
+            return self.proj(torch.addcmul(g, gate, h))  # g + gate * h
+        return self.proj(torch.lerp(h, g, gate))  # gate * g + (1 - gate) * h, in one pass
 
 
 class ConvMixer(nn.Module):
@@ -139,7 +139,7 @@ class LiquidRelaxation(nn.Module):
 
     def forward(self, x: torch.Tensor, u: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
         alpha = torch.exp(-F.softplus(self.rho) * tau[:, None, None, None])
-        return alpha * x + (1 - alpha) * u
+        return torch.lerp(u, x, alpha)  # alpha * x + (1 - alpha) * u, in one pass
 
 
 class LiquidDiffusionBlock(nn.Module):
@@ -177,7 +177,7 @@ class LiquidDiffusionBlock(nn.Module):
             h = self.norms[i](x)
             if scale_shift is None:
                 return h
-            return h * (1 + scale_shift[2 * i]) + scale_shift[2 * i + 1]
+            return torch.addcmul(scale_shift[2 * i + 1], h, 1 + scale_shift[2 * i])  # h * (1 + s) + b
 
         u = self.mixer(normed(0, x), temb, t)
         if self.relaxation is None:

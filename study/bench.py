@@ -1,0 +1,176 @@
+"""Benchmark: LiquidUNet against the direct reference and a parameter-matched diffusers UNet2DModel.
+
+Training-step (forward + backward + AdamW) and sampling (Euler, 25 steps) throughput, measured in
+one process with warm-up and interleaved repetitions; the median of each is reported, then ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: `study.*` and `tests.*`
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import torch  # noqa: E402
+from diffusers import UNet2DModel  # noqa: E402
+
+from liquid_diffusion import LiquidUNet, ModelConfig  # noqa: E402
+from liquid_diffusion.flow import euler_sample, rectified_flow_loss  # noqa: E402
+
+
+@dataclass
+class Candidate:
+    name: str
+    model: torch.nn.Module
+    params: int
+    velocity: callable  # (x, t) -> v, whatever the model's own calling convention
+
+    def __post_init__(self):
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.train_times: list[float] = []
+        self.sample_times: list[float] = []
+
+
+def count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def matched_unet(target: int, channels: int, resolution: int, attention: bool) -> UNet2DModel:
+    """The UNet2DModel of 3 levels whose parameter count is closest to `target` (must be within 10%)."""
+
+    def build(width: int, mult: tuple[int, ...]) -> UNet2DModel:
+        down = ("DownBlock2D",) + (("AttnDownBlock2D",) if attention else ("DownBlock2D",)) * 2
+        up = (("AttnUpBlock2D",) if attention else ("UpBlock2D",)) * 2 + ("UpBlock2D",)
+        return UNet2DModel(sample_size=resolution, in_channels=channels, out_channels=channels, layers_per_block=2,
+                           block_out_channels=tuple(width * m for m in mult), down_block_types=down, up_block_types=up,
+                           norm_num_groups=math.gcd(32, width))
+
+    options = []
+    with torch.device("meta"):
+        for mult in ((1, 1, 2), (1, 2, 2), (1, 2, 3), (1, 2, 4)):
+            for width in range(16, 513, 8):
+                options.append((abs(count(build(width, mult)) - target), width, mult))
+    _, width, mult = min(options)
+    model = build(width, mult)
+    if abs(count(model) - target) > 0.1 * target:
+        raise SystemExit(f"bench.py: error: no UNet2DModel within 10% of {target} parameters")
+    return model
+
+
+def candidates(presets: list[str], channels: int, resolution: int, compile_: bool = False) -> list[Candidate]:
+    from reference_model import reference_from_fast
+
+    out = []
+    torch.manual_seed(0)
+    for preset in presets:
+        for mixer in ("cfc", "conv"):
+            cfg = ModelConfig.preset(preset, in_channels=channels, resolution=resolution, mixer=mixer)
+            model = LiquidUNet(cfg)
+            arm = "baseline" if mixer == "cfc" else "plain_conv"
+            out.append(Candidate(f"liquid-{preset}-{arm}", model, count(model), model))
+            if mixer == "cfc":
+                reference = reference_from_fast(model)
+                out.append(Candidate(f"reference-{preset}", reference, count(reference), reference))
+                if compile_:
+                    compiled = LiquidUNet(cfg)
+                    out.append(Candidate(f"liquid-{preset}-compiled", compiled, count(compiled), torch.compile(compiled)))
+    target = out[0].params  # the first preset's baseline LiquidUNet
+    for attention in (True, False):
+        unet = matched_unet(target, channels, resolution, attention)
+        label = "unet2d-attn" if attention else "unet2d-noattn"
+        out.append(Candidate(label, unet, count(unet), lambda x, t, m=unet: m(x, t * 1000).sample))
+    return out
+
+
+def time_train_step(c: Candidate, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> float:
+    start = time.perf_counter()
+    rectified_flow_loss(c.velocity, x, noise, t).mean().backward()
+    c.optimizer.step()
+    c.optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def time_sampling(c: Candidate, noise: torch.Tensor, steps: int) -> float:
+    start = time.perf_counter()
+    euler_sample(c.velocity, noise, steps)
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="bench.py", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="micro preset at 4x16x16, for CI (under a minute)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--channels", type=int, default=4)
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions; the median is reported (>= 5)")
+    parser.add_argument("--sample-steps", type=int, default=25)
+    parser.add_argument("--mlflow", action="store_true", help="log the table to MLflow, experiment 'bench'")
+    parser.add_argument("--profile", action="store_true", help="print where a LiquidUNet training step spends its time")
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile'd LiquidUNet (compiles first)")
+    args = parser.parse_args(argv)
+    if args.reps < 5:
+        parser.exit(2, "bench.py: error: --reps must be >= 5 (the median of at least five)\n")
+    presets = ["tiny", "micro"]
+    if args.quick:
+        presets, args.resolution, args.batch = ["micro"], 16, 4
+
+    shape = (args.batch, args.channels, args.resolution, args.resolution)
+    gen = torch.Generator().manual_seed(0)
+    x, noise, t = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen), torch.rand(args.batch, generator=gen)
+    pool = candidates(presets, args.channels, args.resolution, args.compile)
+    print(f"shape {shape}, fp32, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+          f"median of {args.reps} interleaved repetitions after one warm-up", flush=True)
+    for c in pool:  # warm-up: allocator, oneDNN primitive caches
+        time_train_step(c, x, noise, t)
+        time_sampling(c, noise, 2)
+    for _ in range(args.reps):
+        for c in pool:
+            c.train_times.append(time_train_step(c, x, noise, t))
+            c.sample_times.append(time_sampling(c, noise, args.sample_steps))
+
+    rows = {c.name: (c.params, args.batch / statistics.median(c.train_times), args.batch / statistics.median(c.sample_times))
+            for c in pool}
+    print(f"\n{'model':<26}{'params':>10}{'train img/s':>14}{'sample img/s':>15}")
+    for name, (params, train, sample) in rows.items():
+        print(f"{name:<26}{params / 1e6:>9.2f}M{train:>14.1f}{sample:>15.2f}")
+
+    lead = f"liquid-{presets[0]}-baseline"
+    ratios = {}
+    print(f"\nratios of {lead} (target in brackets):")
+    for other, target in ((f"reference-{presets[0]}", 2.0), ("unet2d-attn", 1.3), ("unet2d-noattn", None)):
+        for kind, column in (("train", 1), ("sample", 2)):
+            ratio = rows[lead][column] / rows[other][column]
+            ratios[f"ratio/{kind}_vs_{other}"] = ratio
+            mark = "" if target is None else f"  [>= {target}: {'met' if ratio >= target else 'NOT met'}]"
+            print(f"  {kind:<6} vs {other:<16} {ratio:5.2f}x{mark}")
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        lead_candidate = next(c for c in pool if c.name == lead)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                time_train_step(lead_candidate, x, noise, t)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+    if args.mlflow:
+        import mlflow
+
+        mlflow.set_experiment("bench")
+        with mlflow.start_run(run_name="quick" if args.quick else "full"):
+            mlflow.log_params({"shape": "x".join(map(str, shape)), "threads": torch.get_num_threads(),
+                               "torch": torch.__version__, "reps": args.reps, "sample_steps": args.sample_steps})
+            for name, (params, train, sample) in rows.items():
+                mlflow.log_metrics({f"{name}/params": params, f"{name}/train_img_s": train, f"{name}/sample_img_s": sample})
+            mlflow.log_metrics(ratios)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
