@@ -32,6 +32,13 @@ def _on_off(name: str, value: Any) -> bool:
     raise ConfigError(f"{name}={value!r} is not valid; choose one of: on, off")
 
 
+def _number(name: str, value: Any, lowest: float = 0, integer: bool = False) -> None:
+    kinds = (int,) if integer else (int, float)
+    if not isinstance(value, kinds) or isinstance(value, bool) or value < lowest:
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{name}={value!r} is not valid; expected {kind} >= {lowest}")
+
+
 def _int_tuple(name: str, value: Any) -> tuple[int, ...]:
     if isinstance(value, int) and not isinstance(value, bool):
         value = (value,)
@@ -109,11 +116,9 @@ class ModelConfig(_Section):
             raise ConfigError(
                 f"depths={list(self.depths)} is not valid; expected {len(self.channels)} non-negative block counts, one per entry of channels"
             )
-        for name in ("mid_depth", "ff_mult", "resolution"):
-            value = getattr(self, name)
-            lowest = 0 if name == "mid_depth" else 1
-            if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
-                raise ConfigError(f"{name}={value!r} is not valid; expected an integer >= {lowest}")
+        _number("mid_depth", self.mid_depth, 0, integer=True)
+        _number("ff_mult", self.ff_mult, 1, integer=True)
+        _number("resolution", self.resolution, 1, integer=True)
         _choice("mixer", self.mixer, MIXERS)
         _choice("gate", self.gate, GATES)
         _choice("relax", self.relax, RELAXES)
@@ -141,13 +146,6 @@ class ModelConfig(_Section):
 T_SAMPLINGS = ("uniform", "logit_normal")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-
-
-def _number(name: str, value: Any, lowest: float = 0, integer: bool = False) -> None:
-    kinds = (int,) if integer else (int, float)
-    if not isinstance(value, kinds) or isinstance(value, bool) or value < lowest:
-        kind = "an integer" if integer else "a number"
-        raise ConfigError(f"{name}={value!r} is not valid; expected {kind} >= {lowest}")
 
 
 @dataclass(frozen=True)

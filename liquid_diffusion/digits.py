@@ -7,10 +7,8 @@ and scores samples by how confidently it recognises them and how evenly the clas
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,11 +16,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
 
 from .config import DataConfig
 from .data import MnistSource
-from .latent_cache import default_cache_dir
+from .latent_cache import default_cache_dir, save_file_atomic
 
 log = logging.getLogger(__name__)
 CLASSIFIER_VERSION = 1
@@ -117,16 +115,14 @@ def load_classifier(resolution: int = 28, cache_dir: Path | None = None) -> tupl
     model = DigitClassifier(resolution)
     if path.exists():
         try:
-            model.load_state_dict(load_file(path))
-            return model.eval(), float(json.loads(path.with_suffix(".json").read_text())["held_out_accuracy"])
+            with safe_open(path, framework="pt") as cached:
+                accuracy = float(cached.metadata()["held_out_accuracy"])
+                model.load_state_dict({key: cached.get_tensor(key) for key in cached.keys()})
+            return model.eval(), accuracy
         except Exception as err:  # a damaged cache is rebuilt, never trusted
             log.warning("ignoring unreadable classifier cache %s (%s)", path, err)
     model, accuracy = train_classifier(resolution)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    save_file(model.state_dict(), partial)
-    path.with_suffix(".json").write_text(json.dumps({"held_out_accuracy": accuracy}))
-    os.replace(partial, path)
+    save_file_atomic(model.state_dict(), path, {"held_out_accuracy": str(accuracy)})
     return model, accuracy
 
 

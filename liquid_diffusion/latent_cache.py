@@ -38,6 +38,14 @@ def cache_key(source, codec, cfg: DataConfig) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def save_file_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write under a temporary name, then rename: a killed process leaves only a .partial file, never read."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    save_file(tensors, partial, metadata=metadata)
+    os.replace(partial, path)
+
+
 def _read(path: Path, source) -> torch.Tensor | None:
     try:
         with safe_open(path, framework="pt") as cached:
@@ -70,9 +78,6 @@ def load_or_encode(source, codec, cfg: DataConfig, cache_dir: Path | None = None
     latents = torch.cat(chunks)
     # Autoencoder latents are stored as float16 to halve the cache; pixels stay exact in float32.
     stored = latents if codec.name == "pixel" else latents.half()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     meta = {"dataset": cfg.dataset, "codec": codec.name, "images": str(len(latents)), "skipped": str(source.skipped)}
-    save_file({"latents": stored.contiguous()}, partial, metadata=meta)
-    os.replace(partial, path)  # atomic: a killed run leaves only a .partial file, which is never read
+    save_file_atomic({"latents": stored.contiguous()}, path, meta)
     return stored.float()

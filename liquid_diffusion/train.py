@@ -105,9 +105,10 @@ class LossWindow:
         self.seconds = 0.0
 
     def add(self, losses: torch.Tensor, t: torch.Tensor) -> None:
+        losses = losses.cpu().double()
         bins = (t.cpu() * T_BINS).long().clamp(0, T_BINS - 1)
-        self.sums.index_add_(0, bins, losses.cpu().double())
-        self.counts.index_add_(0, bins, torch.ones_like(losses.cpu(), dtype=torch.float64))
+        self.sums.index_add_(0, bins, losses)
+        self.counts.index_add_(0, bins, torch.ones_like(losses))
         self.images += len(losses)
 
     def metrics(self) -> dict[str, float]:
@@ -282,8 +283,9 @@ class Trainer:
                     seconds["checkpoint"] += time.perf_counter() - t3
                 self._check_wall()
             if window.images:
-                last_loss = window.metrics()["train/loss"]
-                self.tracker.log_metrics(window.metrics(), step=self.images_seen)
+                metrics = window.metrics()
+                last_loss = metrics["train/loss"]
+                self.tracker.log_metrics(metrics, step=self.images_seen)
             if last_eval != self.images_seen:  # e.g. a rerun of a finished run: evaluate once more
                 seconds["eval"] += self.evaluate()
         except torch.cuda.OutOfMemoryError:  # the cap set by set_per_process_memory_fraction

@@ -29,8 +29,6 @@ def resolve_config(arm: OverrideSet, budget: OverrideSet, dataset: str, seed: in
     check_dataset_name(dataset)
     if is_local_folder(dataset):  # one folder, one config, whatever the working directory
         dataset = str(Path(dataset).expanduser().resolve())
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"seed={seed!r} is not valid; expected an integer >= 0")
     cfg = budget.apply(ExperimentConfig())
     # MNIST is grey; everything else, and anything an autoencoder encodes, is RGB.
     channels = 1 if dataset == "mnist" and cfg.data.codec == "pixel" else 3

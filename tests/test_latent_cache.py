@@ -47,7 +47,7 @@ def test_changed_data_is_encoded_again(tmp_path):
     assert codec.calls > 0
 
 
-def test_flip_and_codec_change_the_key_and_flip_adds_mirrors(tmp_path):
+def test_flip_adds_each_images_mirror(tmp_path):
     folder = write_images(tmp_path / "data", n=2)
     plain = encode(folder, tmp_path / "cache", CountingCodec())
     flipped = encode(folder, tmp_path / "cache", CountingCodec(), flip=True)

@@ -77,7 +77,9 @@ def test_smoke_run_logs_tags_params_metrics_samples_and_weights(repo, store):
     assert len(runs_of(env, "smoke")) == 1
 
 
-def test_non_finite_loss_marks_the_run_failed_with_the_reason(repo, store, monkeypatch, tmp_path):
+@pytest.fixture
+def in_process(store, monkeypatch):
+    """study.trial in this process against the module's store, and a cpu-smoke baseline config."""
     root, env = store
     monkeypatch.setenv("LIQUID_DIFFUSION_CACHE", str(root / "cache"))
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
@@ -85,11 +87,13 @@ def test_non_finite_loss_marks_the_run_failed_with_the_reason(repo, store, monke
     from study.arms import load_arms
     from study.budgets import get_budget, load_budgets, resolve_config
 
-    def nan_latents(*args, **kwargs):
-        return torch.full((32, 1, 8, 8), float("nan"))
-
-    monkeypatch.setattr(trial, "load_or_encode", nan_latents)
     cfg = resolve_config(load_arms()["baseline"], get_budget(load_budgets(), "cpu-smoke"), "mnist", 0)
+    return trial, cfg, env
+
+
+def test_non_finite_loss_marks_the_run_failed_with_the_reason(in_process, monkeypatch, tmp_path):
+    trial, cfg, env = in_process
+    monkeypatch.setattr(trial, "load_or_encode", lambda *args, **kwargs: torch.full((32, 1, 8, 8), float("nan")))
     outcome = trial.run_trial(cfg, {"ablation": "baseline"}, tmp_path / "run", "nan", device="cpu", progress=False)
     assert outcome.status == "FAILED" and outcome.reason == "non-finite loss at step 1"
     run = client_for(env).get_run(outcome.run_id)
@@ -97,19 +101,13 @@ def test_non_finite_loss_marks_the_run_failed_with_the_reason(repo, store, monke
     assert run.data.tags["reason"] == "non-finite loss at step 1" and run.data.tags["status"] == "non_finite"
 
 
-def test_unexpected_error_marks_the_run_failed_with_the_error(store, monkeypatch, tmp_path):
-    root, env = store
-    monkeypatch.setenv("LIQUID_DIFFUSION_CACHE", str(root / "cache"))
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    import study.trial as trial
-    from study.arms import load_arms
-    from study.budgets import get_budget, load_budgets, resolve_config
+def test_unexpected_error_marks_the_run_failed_with_the_error(in_process, monkeypatch, tmp_path):
+    trial, cfg, env = in_process
 
     def broken_run(self):
         raise RuntimeError("disk on fire")
 
     monkeypatch.setattr(trial.Trainer, "run", broken_run)
-    cfg = resolve_config(load_arms()["baseline"], get_budget(load_budgets(), "cpu-smoke"), "mnist", 0)
     with pytest.raises(RuntimeError, match="disk on fire"):
         trial.run_trial(cfg, {"ablation": "baseline"}, tmp_path / "run", "crash", device="cpu", progress=False)
     [run] = runs_of(env, "crash")
