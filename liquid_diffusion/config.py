@@ -262,6 +262,55 @@ class DataConfig(_Section):
         return 4, self.resolution // 8
 
 
+# Sample-quality metrics, each with whether higher is better. The digit ones live in the feature space
+# of a small MNIST classifier (liquid_diffusion/digits.py) and are not FID; the others need the
+# real Inception weights (liquid_diffusion/inception.py).
+DIGIT_METRICS = {"fd_digits": False, "kid_digits": False, "confident_frac": True, "class_entropy": True}
+INCEPTION_METRICS = {"fid": False, "kid": False, "precision": True, "recall": True}
+METRICS = {**DIGIT_METRICS, **INCEPTION_METRICS}
+REFERENCES = ("images", "roundtrip")
+
+
+@dataclass(frozen=True)
+class EvalConfig(_Section):
+    """The evaluation protocol: how many samples, against which reference, judged by which metrics.
+
+    Samples come from the EMA weights, fixed noise seeds and `train.sample_steps` Euler steps.
+    """
+
+    n: int = 1000  # generated samples per evaluation
+    n_ref: int = 0  # reference images drawn (seeded) from the dataset; 0 = the same as n
+    reference: str = "images"  # images as they are, or as they come back through the codec (roundtrip)
+    metrics: tuple[str, ...] = ("auto",)  # auto = the digit metrics for mnist, the Inception ones otherwise
+    objective: str = "auto"  # the metric a study optimises; auto = fd_digits for mnist, fid otherwise
+    kid_subset_size: int = 1000  # lowered to the smaller set's size when N is below it
+    kid_subsets: int = 100
+
+    def __post_init__(self):
+        metrics = (self.metrics,) if isinstance(self.metrics, str) else self.metrics
+        if not isinstance(metrics, (list, tuple)) or not metrics:
+            raise ConfigError(f"metrics={self.metrics!r} is not valid; expected auto or a list of: {', '.join(METRICS)}")
+        object.__setattr__(self, "metrics", tuple(metrics))
+        if self.metrics != ("auto",):
+            for name in self.metrics:
+                _choice("eval.metrics", name, tuple(METRICS))
+        _choice("eval.objective", self.objective, ("auto", *METRICS))
+        _choice("eval.reference", self.reference, REFERENCES)
+        _number("eval.n", self.n, 2, integer=True)  # a covariance needs two samples
+        _number("eval.n_ref", self.n_ref, 0, integer=True)
+        if self.n_ref == 1:
+            raise ConfigError("eval.n_ref=1 is not valid; expected 0 (the same as n) or an integer >= 2")
+        _number("eval.kid_subset_size", self.kid_subset_size, 2, integer=True)
+        _number("eval.kid_subsets", self.kid_subsets, 1, integer=True)
+
+    def resolved(self, dataset: str) -> tuple[tuple[str, ...], str]:
+        """(metrics, objective) with `auto` replaced by the dataset's defaults."""
+        digits = dataset == "mnist"
+        metrics = self.metrics if self.metrics != ("auto",) else tuple(DIGIT_METRICS if digits else INCEPTION_METRICS)
+        objective = self.objective if self.objective != "auto" else ("fd_digits" if digits else "fid")
+        return metrics, objective
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """The resolved configuration of one arm: what is logged as params and printed by --dry-run."""
@@ -269,16 +318,28 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
         # The model's input shape is not a free choice: it follows from the data and the codec.
         channels, size = self.data.latent_shape
         if (self.model.in_channels, self.model.resolution) != (channels, size):
             object.__setattr__(self, "model", self.model.replace(in_channels=channels, resolution=size))
+        metrics, objective = self.eval_metrics
+        if self.data.dataset != "mnist" and (wrong := [m for m in metrics if m in DIGIT_METRICS]):
+            raise ConfigError(f"eval.metrics {', '.join(wrong)} judge digits and need dataset mnist, not "
+                              f"'{self.data.dataset}'; choose from: {', '.join(INCEPTION_METRICS)}")
+        if objective not in metrics:
+            raise ConfigError(f"eval.objective={objective} is not among eval.metrics ({', '.join(metrics)})")
+
+    @property
+    def eval_metrics(self) -> tuple[tuple[str, ...], str]:
+        """(metrics, objective) for this dataset, `auto` resolved."""
+        return self.eval.resolved(self.data.dataset)
 
     @classmethod
     def sections(cls) -> dict[str, type]:
-        return {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+        return {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: getattr(self, name).to_dict() for name in self.sections()}
@@ -327,4 +388,4 @@ def flatten_overrides(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-__all__ = ["ConfigError", "DataConfig", "ExperimentConfig", "ModelConfig", "TrainConfig", "PRESETS", "flatten_overrides"]
+__all__ = ["ConfigError", "DataConfig", "EvalConfig", "ExperimentConfig", "ModelConfig", "TrainConfig", "PRESETS", "flatten_overrides"]

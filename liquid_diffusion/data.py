@@ -7,6 +7,7 @@ resized to the configured resolution, plus a content digest that keys the latent
 from __future__ import annotations
 
 import abc
+import copy
 import hashlib
 import io
 import logging
@@ -37,6 +38,16 @@ class ImageSource(abc.ABC):
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         """Images in [-1, 1], shape (B, C, R, R), in a fixed order."""
 
+    @abc.abstractmethod
+    def draw(self, n: int, seed: int) -> "ImageSource":
+        """The same source restricted to n images drawn without replacement (seeded), all if n >= its size."""
+
+
+def _draw_indices(length: int, n: int, seed: int) -> np.ndarray:
+    if n >= length:
+        return np.arange(length)
+    return np.sort(np.random.default_rng(seed).choice(length, size=n, replace=False))
+
 
 def _to_unit_range(uint8_images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(uint8_images).float().div(127.5).sub(1.0)
@@ -57,6 +68,12 @@ class MnistSource(ImageSource):
 
     def __len__(self) -> int:
         return len(self.pixels)
+
+    def draw(self, n: int, seed: int) -> "MnistSource":
+        drawn = copy.copy(self)
+        index = _draw_indices(len(self), n, seed)
+        drawn.pixels, drawn.labels = self.pixels[index], self.labels[index]
+        return drawn
 
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         for start in range(0, len(self.pixels), batch_size):
@@ -83,6 +100,14 @@ class HFImageSource(ImageSource):
 
     def __len__(self) -> int:
         return len(self.dataset)  # TypeError for streaming datasets, whose length is unknown
+
+    def draw(self, n: int, seed: int) -> "HFImageSource":
+        drawn = copy.copy(self)
+        if self.cfg.streaming:  # no random access: the first n, in stream order
+            drawn.dataset = self.dataset.take(n)
+        else:
+            drawn.dataset = self.dataset.select(_draw_indices(len(self), n, seed))
+        return drawn
 
     def _decode(self, item) -> Image.Image | None:
         try:

@@ -1,7 +1,8 @@
 """A small digit classifier trained on the embedded MNIST: an offline judge of generated digits.
 
-It is trained once (seeded, with a held-out split), cached as safetensors keyed on the data digest,
-and scores samples by how confidently it recognises them and how evenly the classes appear.
+It is trained once (seeded, with a held-out split) and cached as safetensors keyed on the data
+digest. It scores samples by how confidently it recognises them and how evenly the classes appear,
+and its feature space is registered with torch-fidelity for fd_digits and kid_digits.
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
+from torch_fidelity import register_feature_extractor
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from .config import DataConfig
 from .data import MnistSource
 from .latent_cache import default_cache_dir, save_file_atomic
 
 log = logging.getLogger(__name__)
-CLASSIFIER_VERSION = 1
+CLASSIFIER_VERSION = 2  # 2: resolution in the file's metadata
 HELD_OUT_PER_CLASS = 50  # 500 held-out digits, 4,500 for training
 
 
@@ -107,23 +111,79 @@ def train_classifier(resolution: int = 28, epochs: int = 12, seed: int = 0) -> t
     return model, accuracy
 
 
-def load_classifier(resolution: int = 28, cache_dir: Path | None = None) -> tuple[DigitClassifier, float]:
-    """The cached classifier for `resolution`, trained on first use; returns it with its held-out accuracy."""
+def classifier_path(resolution: int, cache_dir: Path | None = None) -> Path:
+    """The cached classifier for `resolution`, trained (about a minute) on first use."""
     data_digest = MnistSource(DataConfig(dataset="mnist")).digest
     digest = hashlib.sha256(f"{data_digest}-{resolution}-{CLASSIFIER_VERSION}".encode()).hexdigest()[:16]
     path = (Path(cache_dir) if cache_dir else default_cache_dir()) / "classifiers" / f"digits{resolution}-{digest}.safetensors"
-    model = DigitClassifier(resolution)
     if path.exists():
         try:
-            with safe_open(path, framework="pt") as cached:
-                accuracy = float(cached.metadata()["held_out_accuracy"])
-                model.load_state_dict({key: cached.get_tensor(key) for key in cached.keys()})
-            return model.eval(), accuracy
+            read_classifier(path)
+            return path
         except Exception as err:  # a damaged cache is rebuilt, never trusted
             log.warning("ignoring unreadable classifier cache %s (%s)", path, err)
     model, accuracy = train_classifier(resolution)
-    save_file_atomic(model.state_dict(), path, {"held_out_accuracy": str(accuracy)})
-    return model, accuracy
+    save_file_atomic(model.state_dict(), path, {"held_out_accuracy": str(accuracy), "resolution": str(resolution)})
+    return path
+
+
+def read_classifier(path: Path) -> tuple[DigitClassifier, float]:
+    """A classifier file written by classifier_path, with its held-out accuracy."""
+    with safe_open(path, framework="pt") as cached:
+        meta = cached.metadata()
+        model = DigitClassifier(int(meta["resolution"]))
+        model.load_state_dict({key: cached.get_tensor(key) for key in cached.keys()})
+    return model.eval(), float(meta["held_out_accuracy"])
+
+
+def load_classifier(resolution: int = 28, cache_dir: Path | None = None) -> tuple[DigitClassifier, float]:
+    """The classifier for `resolution` with its held-out accuracy; see classifier_path."""
+    return read_classifier(classifier_path(resolution, cache_dir))
+
+
+class DigitFeatures(FeatureExtractorBase):
+    """The classifier as a torch-fidelity feature extractor: FD and KID in its 128-d feature space.
+
+    These are fd_digits and kid_digits. They are not FID: the network is a small MNIST classifier,
+    not Inception, so the numbers compare runs of this project only. Input: uint8 (B, 1|3, H, W).
+    """
+
+    NAME = "liquid-digits"
+
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+        super().__init__(name, features_list)
+        if not feature_extractor_weights_path:
+            raise ValueError("DigitFeatures needs feature_extractor_weights_path (see classifier_path)")
+        self.classifier, _ = read_classifier(Path(feature_extractor_weights_path))
+        self.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor):
+        features = self.classifier.features(x.float().div(127.5).sub(1.0))
+        out = {"features": features, "logits": self.classifier.head(features)}
+        return tuple(out[name] for name in self.features_list)
+
+    @staticmethod
+    def get_provided_features_list():
+        return "features", "logits"
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return "features"
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
+
+
+def register_digit_features() -> str:
+    """Register DigitFeatures with torch-fidelity (once per process); returns its name."""
+    if DigitFeatures.NAME not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor(DigitFeatures.NAME, DigitFeatures)
+    return DigitFeatures.NAME
 
 
 @dataclass

@@ -17,25 +17,27 @@ import huggingface_hub.constants as hub_constants
 PROBE_SECONDS = 2.0
 
 
-def hub_reachable(timeout: float = PROBE_SECONDS) -> bool:
-    """True when the hub endpoint accepts a TCP connection within `timeout` (offline mode: never)."""
-    if hub_constants.HF_HUB_OFFLINE:
-        return False
-    url = urlparse(hub_constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    reachable = threading.Event()
+def reachable(url: str, timeout: float = PROBE_SECONDS) -> bool:
+    """True when the URL's host accepts a TCP connection within `timeout`."""
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    ok = threading.Event()
 
     def probe():  # in a thread, because a DNS lookup ignores socket timeouts
         try:
-            socket.create_connection((url.hostname, port), timeout=timeout).close()
-            reachable.set()
+            socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+            ok.set()
         except OSError:
             pass
 
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return reachable.is_set()
+    threading.Thread(target=probe, daemon=True).start()
+    ok.wait(timeout)
+    return ok.is_set()
+
+
+def hub_reachable(timeout: float = PROBE_SECONDS) -> bool:
+    """True when the hub endpoint is reachable (offline mode: never)."""
+    return not hub_constants.HF_HUB_OFFLINE and reachable(hub_constants.ENDPOINT, timeout)
 
 
 @contextlib.contextmanager

@@ -78,6 +78,23 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def autocast(device: torch.device, precision: str):
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+@torch.no_grad()
+def generate(model, codec, noise: torch.Tensor, steps: int, precision: str = "fp32", batch_size: int = 64) -> torch.Tensor:
+    """Images in [-1, 1] on the CPU: Euler-integrate `model` from `noise`, then decode through `codec`."""
+    device = next(model.parameters()).device
+    out = []
+    with autocast(device, precision):
+        for chunk in noise.split(batch_size):
+            latents = euler_sample(model, chunk.to(device), steps)
+            out.append(codec.decode(latents.float()).float().cpu())
+    return torch.cat(out).clamp(-1, 1)
+
+
 @dataclass
 class TrainResult:
     images_seen: int
@@ -122,8 +139,10 @@ class LossWindow:
 
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, latents: torch.Tensor, codec, run_dir: Path,
-                 tracker: Tracker | None = None, device: str = "auto", progress: bool = True):
+                 tracker: Tracker | None = None, device: str = "auto", progress: bool = True, evaluator=None):
+        """`evaluator` (liquid_diffusion.evaluate.Evaluator) adds sample-quality metrics to every evaluation."""
         self.cfg, self.codec, self.run_dir = cfg, codec, Path(run_dir)
+        self.evaluator = evaluator
         self.tracker = tracker or NullTracker()
         self.progress = progress
         tc = cfg.train
@@ -152,7 +171,8 @@ class Trainer:
         noise_gen = torch.Generator().manual_seed(SAMPLE_NOISE_SEED)
         self.sample_noise = torch.randn(tc.n_samples, channels, size, size, generator=noise_gen)
         self.images_seen = self.step = 0
-        self.wall_before = 0.0  # wall seconds spent by earlier processes on this run
+        self.wall_before = 0.0  # wall seconds spent by earlier processes on this run, evaluation excluded
+        self.eval_seconds = 0.0  # spent evaluating in this process
         self.resumed_from = 0
         self.checkpoint_dir = self.run_dir / "checkpoints"
         if (latest := latest_checkpoint(self.checkpoint_dir)) is not None:
@@ -173,7 +193,7 @@ class Trainer:
         state = {
             "step": self.step,
             "images_seen": self.images_seen,
-            "wall_seconds": self.wall_before + (time.perf_counter() - self._started),
+            "wall_seconds": self._wall_spent(),
             "ema_optimization_step": self.ema.optimization_step,
             "lr_schedule": self.lr_schedule.state_dict(),  # plain values; lr_lambdas is [None] for functions
             "scaler": self.scaler.state_dict(),
@@ -203,8 +223,7 @@ class Trainer:
     # --- training ----------------------------------------------------------------------------
 
     def _autocast(self):
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+        return autocast(self.device, self.precision)
 
     def _batch(self):
         tc = self.cfg.train
@@ -231,9 +250,13 @@ class Trainer:
         self.ema.step(self.model.parameters())
         return losses.detach()
 
+    def _wall_spent(self) -> float:
+        """Wall seconds of training so far, all processes; evaluation is not charged to the budget."""
+        return self.wall_before + time.perf_counter() - self._started - self.eval_seconds
+
     def _check_wall(self) -> None:
         limit = self.cfg.train.max_wall_minutes * 60
-        spent = self.wall_before + time.perf_counter() - self._started
+        spent = self._wall_spent()
         if limit and spent > limit:
             raise OverBudget(
                 f"over budget: {spent / 60:.1f} min of wall time exceeds the {self.cfg.train.max_wall_minutes:g} min cap "
@@ -242,7 +265,7 @@ class Trainer:
 
     def run(self) -> TrainResult:
         tc = self.cfg.train
-        self._started = time.perf_counter()
+        self._started, self.eval_seconds = time.perf_counter(), 0.0
         seconds = dict.fromkeys(("data", "step", "logging", "eval", "checkpoint"), 0.0)
         window, last_loss, last_eval = LossWindow(), float("nan"), -1
         bar = tqdm(total=tc.images, initial=self.images_seen, unit="img", desc="train", disable=not self.progress,
@@ -323,23 +346,23 @@ class Trainer:
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """Decoded images in [-1, 1] from the EMA weights, `sample_steps` Euler steps."""
-        out = []
-        with self.ema_weights() as model, self._autocast():
-            for chunk in noise.split(batch_size):
-                latents = euler_sample(model, chunk.to(self.device), self.cfg.train.sample_steps)
-                out.append(self.codec.decode(latents.float()).float().cpu())
-        return torch.cat(out).clamp(-1, 1)
+        with self.ema_weights() as model:
+            return generate(model, self.codec, noise, self.cfg.train.sample_steps, self.precision, batch_size)
 
     def evaluate(self) -> float:
-        """Log a grid of samples from the fixed noise; returns the seconds it took."""
+        """Log a grid of samples from the fixed noise, and the evaluator's metrics; returns the seconds it took."""
         start = time.perf_counter()
         images = self.sample(self.sample_noise)
         nrow = max(1, int(math.sqrt(len(images))))
         grid = make_grid(images.add(1).div(2), nrow=nrow, padding=1)
         array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         self.tracker.log_image(array, key="samples", step=self.images_seen)
+        metrics = {}
+        if self.evaluator is not None:
+            metrics = self.evaluator.evaluate(lambda noise: self.sample(noise, len(noise)), self.cfg.train.batch_size)
         elapsed = time.perf_counter() - start
-        self.tracker.log_metrics({"eval/seconds": elapsed}, step=self.images_seen)
+        self.eval_seconds += elapsed
+        self.tracker.log_metrics({**metrics, "eval/seconds": elapsed}, step=self.images_seen)
         return elapsed
 
     def export_ema(self, directory: Path) -> Path:

@@ -15,6 +15,7 @@ import yaml  # noqa: E402
 from liquid_diffusion.config import ConfigError, ExperimentConfig  # noqa: E402
 from study.arms import ABLATIONS_DIR, load_arms, select_arms  # noqa: E402
 from study.budgets import BUDGETS_FILE, get_budget, load_budgets, resolve_config  # noqa: E402
+from study.weights import add_weights_arguments, inception_weights_for  # noqa: E402
 
 DEFAULT_EXPERIMENT = "liquid-diffusion"
 
@@ -26,14 +27,22 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}; expected an integer >= 0") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}; expected an integer >= 0")
-    return value
+def int_at_least(lowest: int):
+    """An argparse type: an integer >= lowest, or a one-line usage error naming the value."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < lowest:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}; expected an integer >= {lowest}")
+        return value
+
+    return parse
+
+
+non_negative_int = int_at_least(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,9 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="run folders with checkpoints (default: %(default)s)")
     parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="latent and classifier cache (default: $LIQUID_DIFFUSION_CACHE or ~/.cache/liquid_diffusion)")
+                        help="latent, classifier and reference-statistics cache (default: $LIQUID_DIFFUSION_CACHE or ~/.cache/liquid_diffusion)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_weights_arguments(parser)
     parser.add_argument("--ablations-dir", type=Path, default=ABLATIONS_DIR, help="where the arm files live (default: %(default)s)")
     parser.add_argument("--budgets-file", type=Path, default=BUDGETS_FILE, help=argparse.SUPPRESS)
     return parser
@@ -70,6 +80,7 @@ def dump_config(cfg: ExperimentConfig) -> str:
 def train_arms(args, plans) -> int:
     from study.trial import run_dir_for, run_trial  # torch, diffusers and mlflow load only when training
 
+    weights = inception_weights_for([cfg for _, cfg in plans], args)  # fails here, before anything trains
     failures = 0
     for arm, cfg in plans:
         dataset = cfg.data.dataset  # a folder is tagged by its absolute path
@@ -77,7 +88,8 @@ def train_arms(args, plans) -> int:
                 "study": f"{arm.name}-{dataset}-{args.budget}"}
         run_dir = run_dir_for(args.out, args.experiment, arm.name, cfg, args.budget)
         print(f"== {arm.name}: {arm.description}\n   run folder: {run_dir}", flush=True)
-        outcome = run_trial(cfg, tags, run_dir, args.experiment, args.device, args.cache_dir, not args.no_progress)
+        outcome = run_trial(cfg, tags, run_dir, args.experiment, args.device, args.cache_dir, not args.no_progress,
+                            weights)
         print(f"   {outcome.status}: MLflow run {outcome.run_id}" + (f" ({outcome.reason})" if outcome.reason else ""))
         if outcome.result is not None:
             r = outcome.result
@@ -111,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     plans = [(arm, resolve_config(arm, budget, args.dataset, args.seed)) for arm in selected]
     if args.dry_run:
         for i, (arm, cfg) in enumerate(plans):
-            print(("---\n" if i else "") + f"# arm: {arm.name} - {arm.description}\n" + dump_config(cfg), end="")
+            metrics, objective = cfg.eval_metrics
+            print(("---\n" if i else "") + f"# arm: {arm.name} - {arm.description}\n"
+                  f"# eval metrics: {', '.join(metrics)}; objective: {objective}\n" + dump_config(cfg), end="")
         return 0
     return train_arms(args, plans)
 

@@ -12,6 +12,8 @@ import mlflow
 from liquid_diffusion.codecs import load_codec
 from liquid_diffusion.config import ExperimentConfig
 from liquid_diffusion.data import open_source
+from liquid_diffusion.evaluate import Evaluator
+from liquid_diffusion.inception import InceptionWeights
 from liquid_diffusion.latent_cache import load_or_encode
 from liquid_diffusion.train import Trainer, TrainingStopped, TrainResult, resolve_device
 
@@ -35,11 +37,12 @@ def run_dir_for(out_root: Path, experiment: str, arm: str, cfg: ExperimentConfig
 
 
 def run_trial(cfg: ExperimentConfig, tags: dict[str, str], run_dir: Path, experiment: str = DEFAULT_EXPERIMENT,
-              device: str = "auto", cache_dir: Path | None = None, progress: bool = True) -> TrialOutcome:
+              device: str = "auto", cache_dir: Path | None = None, progress: bool = True,
+              weights: InceptionWeights | None = None) -> TrialOutcome:
     """Train `cfg` to its budget, resuming from `run_dir` if an earlier attempt left a checkpoint.
 
-    Data and codec errors are raised before any MLflow run exists. SIGINT/SIGTERM and unexpected
-    errors propagate after the run is marked KILLED or FAILED.
+    Data, codec and evaluation-weights errors are raised before any MLflow run exists. SIGINT/SIGTERM
+    and unexpected errors propagate after the run is marked KILLED or FAILED.
     """
     run_dir = Path(run_dir)
     marker = read_marker(run_dir)
@@ -49,6 +52,8 @@ def run_trial(cfg: ExperimentConfig, tags: dict[str, str], run_dir: Path, experi
     source = open_source(cfg.data)
     codec = load_codec(cfg.data.codec, cfg.data.codec_weights).to(resolve_device(device))
     latents = load_or_encode(source, codec, cfg.data, cache_dir, progress=progress)
+    evaluator = Evaluator(cfg, source, codec, weights, cache_dir, resolve_device(device), progress)
+    tags = {**tags, **evaluator.tags}
     run_dir.mkdir(parents=True, exist_ok=True)
 
     run_name = f"{tags.get('ablation', 'run')}-seed{cfg.train.seed}"
@@ -56,7 +61,8 @@ def run_trial(cfg: ExperimentConfig, tags: dict[str, str], run_dir: Path, experi
         with tracked_run(run_dir, experiment, run_name, tags, cfg.flat()) as run:
             mlflow.log_dict(cfg.to_dict(), "config.yaml")
             mlflow.log_metrics({"data/images": len(latents), "data/skipped": source.skipped}, step=0)
-            trainer = Trainer(cfg, latents, codec, run_dir, tracker=MLflowTracker(), device=device, progress=progress)
+            trainer = Trainer(cfg, latents, codec, run_dir, tracker=MLflowTracker(), device=device, progress=progress,
+                              evaluator=evaluator)
             mlflow.log_param("model.parameters", sum(p.numel() for p in trainer.model.parameters()))
             result = trainer.run()
             mlflow.log_artifacts(str(trainer.export_ema(run_dir / "ema")), artifact_path="ema")

@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
 
@@ -30,3 +30,18 @@ def randomize_head(model: torch.nn.Module, seed: int = 0) -> None:
     with torch.no_grad():
         conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * 0.1)
         conv.bias.copy_(torch.randn(conv.bias.shape, generator=gen) * 0.1)
+
+
+@pytest.fixture(scope="session")
+def random_inception_weights(tmp_path_factory) -> Path:
+    """An Inception weights file with torch-fidelity's layout and random values: never the standard file."""
+    from unittest import mock
+
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None), \
+         mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", return_value={}):
+        network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
+    torch.save(network.state_dict(), path)
+    return path

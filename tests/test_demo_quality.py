@@ -35,9 +35,16 @@ def test_default_demo_samples_are_recognisable_digits(repo, tmp_path):
     samples = euler_sample(model, noise, 25).clamp(-1, 1)
     classifier, accuracy = load_classifier(size, tmp_path / "cache")
     score = score_digits(classifier, samples)
+    logged = run.data.metrics
+    evals = client.get_metric_history(run.info.run_id, "eval/seconds")
     print(f"\ndemo: {minutes:.1f} min wall; classifier held-out accuracy {accuracy:.3f}; "
           f"{score.confident_frac:.1%} of 256 samples confident >= 0.9; {score.classes_present} classes; "
-          f"class entropy {score.class_entropy:.3f} (ln 10 = 2.303)")
+          f"class entropy {score.class_entropy:.3f} (ln 10 = 2.303)\n"
+          f"logged protocol (N={logged['eval/n']:.0f}): fd_digits {logged['eval/fd_digits']:.2f}, kid_digits "
+          f"{logged['eval/kid_digits']:.4f}, confident_frac {logged['eval/confident_frac']:.3f}, class_entropy "
+          f"{logged['eval/class_entropy']:.3f}; evals took {[round(m.value, 1) for m in evals]} s at steps "
+          f"{[m.step for m in evals]}")
     assert accuracy >= 0.97
     assert score.confident_frac >= 0.70
     assert score.classes_present == 10
+    assert logged["eval/confident_frac"] >= 0.70 and max(m.value for m in evals) <= 60

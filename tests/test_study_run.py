@@ -59,6 +59,13 @@ def test_smoke_run_logs_tags_params_metrics_samples_and_weights(repo, store):
     assert all(m.value > 0 for m in losses)
     for key in ("train/img_per_s", "train/loss_bin0", "train/lr", "eval/seconds", "train/peak_mem_gb"):
         assert client.get_metric_history(run.info.run_id, key), key
+    # The digit metrics at every eval, with the protocol beside them; cpu-smoke's N=16 shrinks KID's subsets.
+    for key in ("eval/fd_digits", "eval/kid_digits", "eval/confident_frac", "eval/class_entropy"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [48, 96], key
+    metrics = run.data.metrics
+    assert (metrics["eval/n"], metrics["eval/n_ref"], metrics["eval/sample_steps"]) == (16, 32, 2)
+    assert metrics["eval/kid_subset_size"] == 16
+    assert run.data.tags["eval.objective"] == "eval/fd_digits" and "weights" not in run.data.tags
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "ema", "images"} <= artifacts
@@ -158,10 +165,24 @@ def test_bad_values_exit_2_with_one_line(repo, store, args, fragment):
     assert len(result.stderr.strip().splitlines()) == 1 and fragment in result.stderr, result.stderr
 
 
-def test_unreachable_hub_dataset_exits_2_before_any_run(repo, store, tmp_path):
+def test_unreachable_hub_dataset_exits_2_before_any_run(repo, store, tmp_path, random_inception_weights):
     root, env = store
     result = run_cli(repo, env, "--ablation", "no_relax", "--dataset", "afhq", "--experiment", "hub",
-                     "--out", str(tmp_path), timeout=120)
+                     "--out", str(tmp_path), "--inception-weights", str(random_inception_weights),
+                     "--allow-unverified-weights", timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "huggan/AFHQv2" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert runs_of(env, "hub") == []
+
+
+def test_fid_objective_without_weights_fails_before_training(repo, store, tmp_path):
+    root, env = store
+    folder = tmp_path / "images"
+    folder.mkdir()
+    env = {**env, "TORCH_HOME": str(tmp_path / "torch")}
+    env.pop("LIQUID_DIFFUSION_INCEPTION_WEIGHTS", None)
+    result = run_cli(repo, env, "--ablation", "baseline", "--dataset", str(folder), "--experiment", "noweights",
+                     "--out", str(tmp_path / "out"), timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--inception-weights PATH" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert runs_of(env, "noweights") == [] and not (tmp_path / "out").exists()

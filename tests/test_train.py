@@ -1,4 +1,5 @@
 import json
+import time
 
 import pytest
 import torch
@@ -34,6 +35,15 @@ class Recorder:
 
     def log_image(self, image, key, step):
         self.images.append((key, step, image.shape))
+
+
+class MetricRecorder(Recorder):
+    def __init__(self):
+        super().__init__()
+        self.logged = []
+
+    def log_metrics(self, metrics, step):
+        self.logged.append((step, metrics))
 
 
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
@@ -99,6 +109,26 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
 def test_wall_clock_cap_ends_the_run_over_budget(tmp_path):
     with pytest.raises(OverBudget, match="over budget"):
         Trainer(smoke_config(max_wall_minutes=1e-6), latents(), PixelCodec(), tmp_path, device="cpu", progress=False).run()
+
+
+class SlowEvaluator:
+    """Stands in for liquid_diffusion.evaluate.Evaluator: takes its time, samples through the trainer."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def evaluate(self, sample, batch_size):
+        time.sleep(self.seconds)
+        return {"eval/mean": float(sample(torch.randn(2, 1, 8, 8)).mean())}
+
+
+def test_evaluation_is_logged_but_not_charged_to_the_wall_clock_cap(tmp_path):
+    recorder = MetricRecorder()
+    cfg = smoke_config(max_wall_minutes=0.05)  # 3 s; the two evaluations alone take 4 s
+    result = Trainer(cfg, latents(), PixelCodec(), tmp_path, recorder, device="cpu", progress=False,
+                     evaluator=SlowEvaluator(2.0)).run()
+    assert result.images_seen == 96 and result.seconds["eval"] >= 4.0
+    assert [step for step, metrics in recorder.logged if "eval/mean" in metrics] == [48, 96]
 
 
 def test_fp16_needs_a_gpu(tmp_path):
