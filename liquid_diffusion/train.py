@@ -59,6 +59,10 @@ class OverBudget(TrainingStopped):
     pass
 
 
+class Pruned(TrainingStopped):
+    """A study's pruner judged the run not worth finishing, from its evaluations so far."""
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -103,6 +107,7 @@ class TrainResult:
     resumed_from: int  # images seen at the checkpoint this process started from (0 = fresh)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time by activity, this process
     peak_memory_gb: float = 0.0
+    eval_metrics: dict[str, float] = field(default_factory=dict)  # the last evaluation's
 
     @property
     def overhead_fraction(self) -> float:
@@ -173,6 +178,7 @@ class Trainer:
         self.images_seen = self.step = 0
         self.wall_before = 0.0  # wall seconds spent by earlier processes on this run, evaluation excluded
         self.eval_seconds = 0.0  # spent evaluating in this process
+        self.last_eval: dict[str, float] = {}
         self.resumed_from = 0
         self.checkpoint_dir = self.run_dir / "checkpoints"
         if (latest := latest_checkpoint(self.checkpoint_dir)) is not None:
@@ -317,7 +323,8 @@ class Trainer:
             ) from None
         finally:
             bar.close()
-        result = TrainResult(self.images_seen, self.step, last_loss, self.resumed_from, seconds, self.peak_memory_gb())
+        result = TrainResult(self.images_seen, self.step, last_loss, self.resumed_from, seconds, self.peak_memory_gb(),
+                             self.last_eval)
         self.tracker.log_metrics(
             {"train/peak_mem_gb": result.peak_memory_gb, "train/overhead_frac": result.overhead_fraction},
             step=self.images_seen,
@@ -362,6 +369,7 @@ class Trainer:
             metrics = self.evaluator.evaluate(lambda noise: self.sample(noise, len(noise)), self.cfg.train.batch_size)
         elapsed = time.perf_counter() - start
         self.eval_seconds += elapsed
+        self.last_eval = metrics
         self.tracker.log_metrics({**metrics, "eval/seconds": elapsed}, step=self.images_seen)
         return elapsed
 

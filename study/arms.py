@@ -49,6 +49,8 @@ def parse_override_set(name: str, data: Any, source: str) -> OverrideSet:
 def read_yaml(path: Path) -> Any:
     try:
         return yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read it ({err.strerror or err})") from None
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" (line {where.line + 1})" if where is not None else ""

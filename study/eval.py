@@ -69,7 +69,6 @@ def _final_step(client, run_id: str, cfg: ExperimentConfig) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import mlflow
-    import torch
     from mlflow.entities import Metric
     from mlflow.exceptions import MlflowException
 

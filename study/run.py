@@ -1,9 +1,16 @@
-"""Command line: list ablation arms, print their resolved configs, and train them into MLflow runs."""
+"""Command line: list ablation arms, print their resolved configs, and train them as Optuna studies into MLflow.
+
+One study per (arm, dataset, budget); its trials are seeds (--seeds N) or a TPE search (--search N).
+Rerunning the same command continues every study: finished trials are never run again, and
+interrupted ones resume from their checkpoints.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +22,8 @@ import yaml  # noqa: E402
 from liquid_diffusion.config import ConfigError, ExperimentConfig  # noqa: E402
 from study.arms import ABLATIONS_DIR, load_arms, select_arms  # noqa: E402
 from study.budgets import BUDGETS_FILE, get_budget, load_budgets, resolve_config  # noqa: E402
+from study.search import SEARCH_SPACE_FILE  # noqa: E402
+from study.storage import HEARTBEAT_SECONDS, redact  # noqa: E402
 from study.weights import add_weights_arguments, inception_weights_for  # noqa: E402
 
 DEFAULT_EXPERIMENT = "liquid-diffusion"
@@ -49,10 +58,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="run.py", description=__doc__)
     parser.add_argument("--list", action="store_true", help="print every ablation arm with its description")
     parser.add_argument("--ablation", metavar="A[,B,...]|all", help="arm(s) to run, by file name in ablations/")
-    parser.add_argument("--dataset", default="mnist", help="mnist (embedded), afhq, celeba, flowers, pokemon, anime, "
-                        "cartoon, hf:owner/name, or a folder of images (default: %(default)s)")
+    parser.add_argument("--dataset", default="mnist", metavar="D[,D,...]",
+                        help="mnist (embedded), afhq, celeba, flowers, pokemon, anime, cartoon, hf:owner/name, or a "
+                             "folder of images; several, comma-separated, make a cross product with the arms "
+                             "(default: %(default)s)")
     parser.add_argument("--budget", default="cpu-demo", help="budget profile from study/budgets.yaml (default: %(default)s)")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="training seed (default: %(default)s)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--seeds", type=int_at_least(1), default=None, metavar="N",
+                      help="train seeds 0..N-1 of every arm (default: 1, i.e. seed 0)")
+    mode.add_argument("--seed", type=non_negative_int, default=None, help="train this one seed")
+    mode.add_argument("--search", type=int_at_least(1), default=None, metavar="N",
+                      help="tune with TPE for N trials over the space in --search-space, pruning on the objective")
+    parser.add_argument("--search-space", type=Path, default=SEARCH_SPACE_FILE, metavar="FILE",
+                        help="YAML search space and pruner for --search (default: study/search_space.yaml)")
+    parser.add_argument("--storage", default=None, metavar="URL",
+                        help="Optuna storage shared by all workers: an SQLAlchemy URL (postgresql://...) or a journal "
+                             "file (journal:PATH or PATH.log) (default: optuna.db beside a sqlite mlflow.db)")
+    parser.add_argument("--workers", type=int_at_least(1), default=1, metavar="K",
+                        help="local worker processes that split the trials (default: %(default)s)")
     parser.add_argument("--dry-run", action="store_true", help="print each arm's resolved config as YAML and train nothing")
     parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="run folders with checkpoints (default: %(default)s)")
@@ -63,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_weights_arguments(parser)
     parser.add_argument("--ablations-dir", type=Path, default=ABLATIONS_DIR, help="where the arm files live (default: %(default)s)")
     parser.add_argument("--budgets-file", type=Path, default=BUDGETS_FILE, help=argparse.SUPPRESS)
+    parser.add_argument("--heartbeat-seconds", type=int_at_least(1), default=HEARTBEAT_SECONDS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)  # child K of --workers: studies exist
     return parser
 
 
@@ -77,34 +102,104 @@ def dump_config(cfg: ExperimentConfig) -> str:
     return yaml.dump(cfg.to_dict(), Dumper=_ConfigDumper, sort_keys=False)
 
 
-def train_arms(args, plans) -> int:
-    from study.trial import run_dir_for, run_trial  # torch, diffusers and mlflow load only when training
+def worker_argv(argv: list[str], number: int) -> list[str]:
+    """This command's arguments for child worker `number`: without --workers, without progress bars."""
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--workers":
+            skip = True
+        elif not token.startswith("--workers="):
+            out.append(token)
+    return [*out, "--worker", str(number), "--no-progress"]
 
-    weights = inception_weights_for([cfg for _, cfg in plans], args)  # fails here, before anything trains
-    failures = 0
-    for arm, cfg in plans:
-        dataset = cfg.data.dataset  # a folder is tagged by its absolute path
-        tags = {"ablation": arm.name, "dataset": dataset, "seed": str(cfg.train.seed), "budget": args.budget,
-                "study": f"{arm.name}-{dataset}-{args.budget}"}
-        run_dir = run_dir_for(args.out, args.experiment, arm.name, cfg, args.budget)
-        print(f"== {arm.name}: {arm.description}\n   run folder: {run_dir}", flush=True)
-        outcome = run_trial(cfg, tags, run_dir, args.experiment, args.device, args.cache_dir, not args.no_progress,
-                            weights)
-        print(f"   {outcome.status}: MLflow run {outcome.run_id}" + (f" ({outcome.reason})" if outcome.reason else ""))
-        if outcome.result is not None:
-            r = outcome.result
-            s = r.seconds
-            print(f"   {r.images_seen} images in {r.steps} steps, final loss {r.final_loss:.4f}"
-                  + (f", resumed at {r.resumed_from} images" if r.resumed_from else ""))
-            print(f"   wall time: step {s['step']:.1f}s, eval {s['eval']:.1f}s, data {s['data']:.2f}s, logging "
-                  f"{s['logging']:.2f}s, checkpoints {s['checkpoint']:.2f}s; harness overhead "
-                  f"{100 * r.overhead_fraction:.2f}% of training time (eval excluded)")
-        failures += outcome.status != "FINISHED"
-    import mlflow
 
-    uri = mlflow.get_tracking_uri()
-    print(f"\nOpen the runs with:  mlflow ui --backend-store-uri {uri}")
-    return 1 if failures else 0
+def run_workers(count: int, argv: list[str]) -> int:
+    """Start `count` worker processes on the prepared studies and wait; Ctrl-C reaches them too."""
+    script = str(Path(__file__).resolve())
+    workers = [subprocess.Popen([sys.executable, script, *worker_argv(argv, i)]) for i in range(1, count + 1)]
+    try:
+        codes = [worker.wait() for worker in workers]
+    except KeyboardInterrupt:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGINT)
+        for worker in workers:
+            worker.wait()
+        raise
+    if 2 in codes:
+        return 2
+    if 130 in codes:
+        raise KeyboardInterrupt
+    return max(codes)
+
+
+def train(args, argv: list[str], plans) -> int:
+    import mlflow  # torch, diffusers, mlflow and optuna load only when training
+
+    from optuna.trial import TrialState
+
+    from study.driver import Book, Driver
+    from study.storage import default_storage_url, open_storage
+
+    weights = inception_weights_for([plan.base for plan in plans], args)  # fails here, before anything trains
+    url = args.storage or default_storage_url(mlflow.get_tracking_uri())
+    prefix = f"[worker {args.worker}] " if args.worker else ""
+    driver = Driver(open_storage(url, args.heartbeat_seconds), url, args.out, args.device, args.cache_dir,
+                    not args.no_progress, weights, echo=lambda line: print(prefix + line.replace("\n", "\n" + prefix), flush=True))
+    for plan in plans:  # a dataset that cannot be had fails here, before any study or run exists
+        driver.source_for(plan.base)
+    try:
+        if not args.worker:  # studies, queues and parent runs exist before any worker starts
+            for plan in plans:
+                driver.prepare(plan)
+        if args.workers > 1:
+            code = run_workers(args.workers, argv)
+            if code == 2:
+                return 2
+        else:
+            driver.work(plans)
+    except KeyboardInterrupt:
+        driver.interrupted(plans)
+        raise
+    if args.worker:
+        return 1 if driver.failures else 0
+
+    print()
+    failed = 0
+    for plan in plans:
+        study = driver.study(plan)
+        summary = driver.summarize(plan, study)
+        book = Book(study)
+        failed += summary["study/n_failed"]
+        result = (f"{plan.objective} mean {summary['study/mean']:.6g} +- {summary['study/std']:.3g}, best "
+                  f"{summary['study/best']:.6g}" if "study/mean" in summary else "no completed trial")
+        print(f"study {plan.name}: {summary['study/n_complete']:.0f} complete, {summary['study/n_pruned']:.0f} pruned, "
+              f"{summary['study/n_failed']:.0f} failed, {len(book.of_state(TrialState.RUNNING))} running; {result}")
+    print(f"\nOptuna storage: {redact(url)}\nOpen the runs with:  mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}")
+    return 1 if failed else 0
+
+
+def build_plans(args, arms, budget) -> list:
+    from study.plans import StudyPlan
+    from study.search import load_search_space
+
+    datasets = [name.strip() for name in args.dataset.split(",") if name.strip()]
+    if not datasets:
+        raise ConfigError(f"--dataset {args.dataset!r} names no dataset")
+    selected = select_arms(arms, args.ablation)
+    space = load_search_space(args.search_space) if args.search else None
+    seeds = [args.seed] if args.seed is not None else list(range(args.seeds or 1))
+    plans = []
+    for dataset in datasets:
+        for arm in selected:
+            base = resolve_config(arm, budget, dataset, seeds[0] if not args.search else (args.seed or 0))
+            plans.append(StudyPlan(arm, base.data.dataset, args.budget, base, args.experiment,
+                                   seeds=None if args.search else seeds,
+                                   search=space.for_budget(base) if space else None,
+                                   n_trials=args.search or 0, search_seed=args.seed or 0))
+    return plans
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,15 +214,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.ablation:
         raise ConfigError("nothing to do; pass --list, or --ablation NAME[,NAME...]|all (see --help)")
-    selected = select_arms(arms, args.ablation)
-    plans = [(arm, resolve_config(arm, budget, args.dataset, args.seed)) for arm in selected]
+    plans = build_plans(args, arms, budget)
     if args.dry_run:
-        for i, (arm, cfg) in enumerate(plans):
-            metrics, objective = cfg.eval_metrics
-            print(("---\n" if i else "") + f"# arm: {arm.name} - {arm.description}\n"
-                  f"# eval metrics: {', '.join(metrics)}; objective: {objective}\n" + dump_config(cfg), end="")
+        for i, plan in enumerate(plans):
+            metrics, objective = plan.base.eval_metrics
+            mode = f"search, {plan.n_trials} trials" if plan.search else f"seeds {plan.seeds}"
+            print(("---\n" if i else "") + f"# study: {plan.name} ({mode})\n# arm: {plan.arm.name} - {plan.arm.description}\n"
+                  f"# eval metrics: {', '.join(metrics)}; objective: {objective}\n" + dump_config(plan.base), end="")
         return 0
-    return train_arms(args, plans)
+    return train(args, sys.argv[1:] if argv is None else argv, plans)
 
 
 if __name__ == "__main__":
@@ -138,5 +233,6 @@ if __name__ == "__main__":
         print(f"run.py: error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("run.py: interrupted; the run is marked KILLED and rerunning the same command resumes it", file=sys.stderr)
+        print("run.py: interrupted; the trial is marked (MLflow KILLED) and rerunning the same command resumes it",
+              file=sys.stderr)
         sys.exit(130)

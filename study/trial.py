@@ -17,39 +17,42 @@ from liquid_diffusion.inception import InceptionWeights
 from liquid_diffusion.latent_cache import load_or_encode
 from liquid_diffusion.train import Trainer, TrainingStopped, TrainResult, resolve_device
 
-from .tracking import DEFAULT_EXPERIMENT, MLflowTracker, read_marker, tracked_run
+from .tracking import DEFAULT_EXPERIMENT, MLflowTracker, read_marker, stop_kind, tracked_run
 
 
 @dataclass
 class TrialOutcome:
-    status: str  # FINISHED | FAILED (stopped early, see reason)
+    status: str  # the MLflow run's: FINISHED | FAILED (stopped early, see kind and reason) | KILLED (pruned)
     run_id: str
     run_dir: Path
     reason: str = ""
     result: TrainResult | None = None
+    kind: str = "finished"  # finished | over_budget | non_finite | pruned
 
 
-def run_dir_for(out_root: Path, experiment: str, arm: str, cfg: ExperimentConfig, budget: str) -> Path:
+def run_dir_for(out_root: Path, experiment: str, arm: str, cfg: ExperimentConfig, budget: str, suffix: str = "") -> Path:
     """One folder per (experiment, arm, data, budget, seed, resolved config): a rerun finds its checkpoint."""
     digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
     data = Path(cfg.data.dataset).name if "/" in cfg.data.dataset else cfg.data.dataset.replace(":", "_")
-    return Path(out_root) / experiment / arm / f"{data}-{budget}-seed{cfg.train.seed}-{digest}"
+    return Path(out_root) / experiment / arm / f"{data}-{budget}-seed{cfg.train.seed}-{digest}{suffix}"
 
 
 def run_trial(cfg: ExperimentConfig, tags: dict[str, str], run_dir: Path, experiment: str = DEFAULT_EXPERIMENT,
               device: str = "auto", cache_dir: Path | None = None, progress: bool = True,
-              weights: InceptionWeights | None = None) -> TrialOutcome:
+              weights: InceptionWeights | None = None, parent_run_id: str | None = None,
+              report=None, source=None) -> TrialOutcome:
     """Train `cfg` to its budget, resuming from `run_dir` if an earlier attempt left a checkpoint.
 
     Data, codec and evaluation-weights errors are raised before any MLflow run exists. SIGINT/SIGTERM
-    and unexpected errors propagate after the run is marked KILLED or FAILED.
+    and unexpected errors propagate after the run is marked KILLED or FAILED. `report(metrics, step)`
+    sees every logged metric dict and may raise Pruned. `source` is cfg.data's ImageSource if already open.
     """
     run_dir = Path(run_dir)
     marker = read_marker(run_dir)
     if marker.get("status") == "FINISHED":
         return TrialOutcome("FINISHED", marker["run_id"], run_dir, reason="already finished; nothing to do")
 
-    source = open_source(cfg.data)
+    source = source or open_source(cfg.data)
     codec = load_codec(cfg.data.codec, cfg.data.codec_weights).to(resolve_device(device))
     latents = load_or_encode(source, codec, cfg.data, cache_dir, progress=progress)
     evaluator = Evaluator(cfg, source, codec, weights, cache_dir, resolve_device(device), progress)
@@ -58,15 +61,17 @@ def run_trial(cfg: ExperimentConfig, tags: dict[str, str], run_dir: Path, experi
 
     run_name = f"{tags.get('ablation', 'run')}-seed{cfg.train.seed}"
     try:
-        with tracked_run(run_dir, experiment, run_name, tags, cfg.flat()) as run:
+        with tracked_run(run_dir, experiment, run_name, tags, cfg.flat(), parent_run_id) as run:
             mlflow.log_dict(cfg.to_dict(), "config.yaml")
             mlflow.log_metrics({"data/images": len(latents), "data/skipped": source.skipped}, step=0)
-            trainer = Trainer(cfg, latents, codec, run_dir, tracker=MLflowTracker(), device=device, progress=progress,
+            trainer = Trainer(cfg, latents, codec, run_dir, tracker=MLflowTracker(report), device=device, progress=progress,
                               evaluator=evaluator)
             mlflow.log_param("model.parameters", sum(p.numel() for p in trainer.model.parameters()))
             result = trainer.run()
             mlflow.log_artifacts(str(trainer.export_ema(run_dir / "ema")), artifact_path="ema")
             mlflow.log_metrics({f"time/{k}_s": v for k, v in result.seconds.items()}, step=result.images_seen)
     except TrainingStopped as err:
-        return TrialOutcome("FAILED", read_marker(run_dir)["run_id"], run_dir, reason=str(err))
+        kind = stop_kind(err)
+        status = "KILLED" if kind == "pruned" else "FAILED"
+        return TrialOutcome(status, read_marker(run_dir)["run_id"], run_dir, reason=str(err), kind=kind)
     return TrialOutcome("FINISHED", run.info.run_id, run_dir, result=result)

@@ -28,7 +28,7 @@ def test_default_demo_samples_are_recognisable_digits(repo, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    [run] = client.search_runs([client.get_experiment_by_name("liquid-diffusion").experiment_id])
+    [run] = client.search_runs([client.get_experiment_by_name("liquid-diffusion").experiment_id], "tags.kind = 'trial'")
     model = LiquidUNet.from_pretrained(client.download_artifacts(run.info.run_id, "ema", str(tmp_path))).eval()
     size = model.model_config.resolution
     noise = torch.randn(256, 1, size, size, generator=torch.Generator().manual_seed(0))

@@ -176,7 +176,7 @@ def finished_run(repo, tmp_path_factory):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    [run] = client.search_runs([client.get_experiment_by_name("liquid-diffusion").experiment_id])
+    [run] = client.search_runs([client.get_experiment_by_name("liquid-diffusion").experiment_id], "tags.kind = 'trial'")
     return run.info.run_id, env, client
 
 

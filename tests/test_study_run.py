@@ -32,6 +32,8 @@ def client_for(env) -> MlflowClient:
 
 
 def runs_of(env, experiment, **tags):
+    """The experiment's trial runs (or, with kind="study", its parent runs) that carry `tags`."""
+    tags = {"kind": "trial", **tags}
     client = client_for(env)
     exp = client.get_experiment_by_name(experiment)
     query = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
@@ -43,12 +45,15 @@ def test_smoke_run_logs_tags_params_metrics_samples_and_weights(repo, store):
     result = run_cli(repo, env, "--ablation", "no_relax", "--budget", "cpu-smoke", "--experiment", "smoke",
                      "--out", str(root / "outputs"), "--no-progress")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "FINISHED: MLflow run" in result.stdout and "mlflow ui --backend-store-uri" in result.stdout
+    assert "COMPLETE: MLflow run" in result.stdout and "mlflow ui --backend-store-uri" in result.stdout
     assert "harness overhead" in result.stdout
     [run] = runs_of(env, "smoke")
     assert run.info.status == "FINISHED"
-    assert {k: run.data.tags[k] for k in ("ablation", "dataset", "seed", "budget", "study")} == {
-        "ablation": "no_relax", "dataset": "mnist", "seed": "0", "budget": "cpu-smoke", "study": "no_relax-mnist-cpu-smoke"}
+    assert {k: run.data.tags[k] for k in ("ablation", "dataset", "seed", "budget", "study", "optuna.state")} == {
+        "ablation": "no_relax", "dataset": "mnist", "seed": "0", "budget": "cpu-smoke",
+        "study": "smoke:no_relax:mnist:cpu-smoke", "optuna.state": "COMPLETE"}
+    [parent] = runs_of(env, "smoke", kind="study")
+    assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id and parent.info.status == "FINISHED"
     params = run.data.params
     assert params["model.relax"] == "none" and params["model.mixer"] == "cfc" and float(params["train.lr"]) == 1e-3
     assert params["data.dataset"] == "mnist" and int(params["model.parameters"]) > 0
@@ -80,8 +85,8 @@ def test_smoke_run_logs_tags_params_metrics_samples_and_weights(repo, store):
 
     again = run_cli(repo, env, "--ablation", "no_relax", "--budget", "cpu-smoke", "--experiment", "smoke",
                     "--out", str(root / "outputs"), "--no-progress")
-    assert again.returncode == 0 and "already finished" in again.stdout
-    assert len(runs_of(env, "smoke")) == 1
+    assert again.returncode == 0 and "== no_relax" not in again.stdout  # nothing left to train
+    assert len(runs_of(env, "smoke")) == 1 and len(runs_of(env, "smoke", kind="study")) == 1
 
 
 @pytest.fixture
@@ -116,7 +121,8 @@ def test_unexpected_error_marks_the_run_failed_with_the_error(in_process, monkey
 
     monkeypatch.setattr(trial.Trainer, "run", broken_run)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        trial.run_trial(cfg, {"ablation": "baseline"}, tmp_path / "run", "crash", device="cpu", progress=False)
+        trial.run_trial(cfg, {"ablation": "baseline", "kind": "trial"}, tmp_path / "run", "crash", device="cpu",
+                        progress=False)
     [run] = runs_of(env, "crash")
     assert run.info.status == "FAILED" and run.data.tags["error"] == "RuntimeError: disk on fire"
 

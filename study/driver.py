@@ -1,0 +1,350 @@
+"""Optuna studies over ablation arms: one study per (arm, dataset, budget); any number of workers share them.
+
+Seeds mode enqueues one trial per seed when a study is prepared, and workers claim queued trials
+through the storage's compare-and-set on the trial state, so no seed is trained twice however many
+workers run. Search mode asks TPE for new trials until N exist and prunes on the objective at each
+evaluation. A trial interrupted by Ctrl-C, or failed by an unexpected error, is marked resumable;
+the next run of the command queues it again and it resumes from its checkpoint. A trial of a worker
+that died without a word is found by Optuna's heartbeat (RDB storages) and retried the same way.
+
+Every study has a parent MLflow run (tag kind=study) with the summary of its trials; every trial
+is a child run (kind=trial, mlflow.parentRunId) whose state mirrors the Optuna trial's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import socket
+import statistics
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import mlflow
+import optuna
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+from optuna.trial import TrialState
+
+from liquid_diffusion.config import ConfigError, ExperimentConfig
+from liquid_diffusion.data import open_source
+from liquid_diffusion.train import Pruned
+
+from .plans import StudyPlan
+from .storage import has_heartbeat, redact
+from .trial import run_dir_for, run_trial
+
+POLL_SECONDS = 5  # how often an idle worker looks for work while others run
+SEED_MAX = 2**31 - 1  # the seed's range in every study, so a rerun with more --seeds fits the same distribution
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def root_of(trial) -> int:
+    """The number of the first attempt of a trial: retries (heartbeat) and resumes (rerun) share it."""
+    return trial.user_attrs.get("root_trial", trial.system_attrs.get("failed_trial", trial.number))
+
+
+class Book:
+    """The trials of one study, classified; the attempts of one trial (a retry, a resume) count once."""
+
+    def __init__(self, study: optuna.Study):
+        self.trials = study.get_trials(deepcopy=False)
+        self.latest = {root_of(t): t for t in self.trials}  # per trial: its last attempt (trials are in order)
+
+    def of_state(self, *states) -> list:
+        return [t for t in self.trials if t.state in states]
+
+    @staticmethod
+    def resumable(trial) -> bool:
+        return trial.state == TrialState.FAIL and bool(trial.user_attrs.get("resumable"))
+
+    def to_requeue(self) -> list:
+        """Resumable failures (interrupted, or an unexpected error) with no later attempt: queue them again."""
+        return [t for t in self.latest.values() if self.resumable(t)]
+
+    def final(self) -> list:
+        """The finished attempt of each trial that will not be tried again."""
+        done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        return [t for t in self.latest.values() if t.state in done and not self.resumable(t)]
+
+    @staticmethod
+    def seed_of(trial) -> int | None:
+        return trial.params.get("seed", trial.system_attrs.get("fixed_params", {}).get("seed"))
+
+    def seeds_taken(self) -> set[int]:
+        """Seeds that are finished or being trained: a queued duplicate of one is never claimed."""
+        return {self.seed_of(t) for t in self.final() + self.of_state(TrialState.RUNNING)} - {None}
+
+
+@contextlib.contextmanager
+def heartbeat(storage, trial_id: int):
+    """Optuna beats only inside study.optimize; this loop claims trials itself, so it beats here."""
+    if not has_heartbeat(storage):
+        yield
+        return
+    stop = threading.Event()
+
+    def beat():
+        while True:
+            storage.record_heartbeat(trial_id)
+            if stop.wait(storage.get_heartbeat_interval()):
+                return
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+class Driver:
+    def __init__(self, storage, storage_url: str, out: Path, device: str, cache_dir: Path | None, progress: bool,
+                 weights=None, echo=print, worker_number: int = 0):
+        self.storage, self.storage_url = storage, storage_url
+        self.out, self.device, self.cache_dir, self.progress, self.weights = out, device, cache_dir, progress, weights
+        self.echo = echo
+        self.client = mlflow.MlflowClient()
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.worker_number = worker_number
+        self.failures = 0
+        self._studies: dict[str, optuna.Study] = {}
+        self._sources: dict[str, object] = {}
+
+    def source_for(self, cfg: ExperimentConfig):
+        """The image source of cfg.data, opened once per process; DataError at once if it cannot be had."""
+        key = json.dumps(cfg.data.to_dict(), sort_keys=True)
+        if key not in self._sources:
+            self._sources[key] = open_source(cfg.data)
+        return self._sources[key]
+
+    # --- studies and parent runs ---------------------------------------------------------------
+
+    def study(self, plan: StudyPlan) -> optuna.Study:
+        """The study, loaded once per process so its sampler keeps its state between trials."""
+        if plan.name not in self._studies:
+            self._studies[plan.name] = self._load(plan)
+        return self._studies[plan.name]
+
+    def _load(self, plan: StudyPlan) -> optuna.Study:
+        if plan.search:  # each worker draws its own sequence, reproducible from --seed and the worker number
+            sampler = optuna.samplers.TPESampler(seed=1000 * plan.search_seed + self.worker_number)
+            pruner = plan.search.make_pruner()
+        else:
+            # Never consulted: every seeds-mode trial is queued with its seed. (GridSampler is not used
+            # because once all grid points have started, it hands a running point to the next worker.)
+            sampler = optuna.samplers.RandomSampler(seed=0)
+            pruner = optuna.pruners.NopPruner()  # seeds of one config are never pruned against each other
+        return optuna.create_study(study_name=plan.name, storage=self.storage, sampler=sampler, pruner=pruner,
+                                   direction=plan.direction, load_if_exists=True)
+
+    def prepare(self, plan: StudyPlan) -> optuna.Study:
+        """Create or continue the study, check it is the same config, queue its work, ensure its parent run."""
+        study = self.study(plan)
+        digest = study.user_attrs.get("config_digest")
+        if digest is None:
+            study.set_user_attr("config_digest", plan.digest)
+        elif digest != plan.digest:
+            raise ConfigError(f"study '{plan.name}' in {redact(self.storage_url)} was run with another config "
+                              f"(digest {digest}, now {plan.digest}); use another --experiment or --storage")
+        for trial in Book(study).to_requeue():
+            study.enqueue_trial(trial.params, user_attrs={"root_trial": root_of(trial)})
+        for seed in plan.seeds or []:
+            study.enqueue_trial({"seed": seed}, skip_if_exists=True)  # a seed with any attempt is skipped
+        self.parent_run(plan, study)
+        return study
+
+    def parent_run(self, plan: StudyPlan, study: optuna.Study) -> str:
+        run_id = study.user_attrs.get("mlflow_parent_run_id")
+        if run_id:
+            try:
+                run = self.client.get_run(run_id)
+                if run.info.lifecycle_stage == "active":
+                    if run.info.status != "RUNNING" and not self.complete(plan, study):
+                        self.client.update_run(run_id, status="RUNNING")
+                    return run_id
+            except MlflowException:
+                pass  # another tracking store: make a parent there
+        experiment = mlflow.set_experiment(plan.experiment)
+        mode = f"search over {plan.n_trials} trials" if plan.search else f"seeds {plan.seeds}"
+        tags = {"kind": "study", "study": plan.name, "ablation": plan.arm.name, "dataset": plan.dataset,
+                "budget": plan.budget, "optuna.study_name": plan.name, "optuna.storage": redact(self.storage_url),
+                "study.mode": mode, "eval.objective_metric": plan.objective, "mlflow.note.content": plan.arm.description}
+        run = self.client.create_run(experiment.experiment_id, run_name=plan.name.split(":", 1)[1], tags=tags)
+        params = {k: v for k, v in plan.base.flat().items() if k != "train.seed"}
+        self.client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
+        self.client.log_dict(run.info.run_id, plan.base.to_dict(), "config.yaml")
+        study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
+        winner = study.user_attrs.get("mlflow_parent_run_id")  # two fresh commands may race here
+        if winner != run.info.run_id:
+            self.client.delete_run(run.info.run_id)
+        return winner
+
+    def complete(self, plan: StudyPlan, study: optuna.Study, book: Book | None = None) -> bool:
+        book = book or Book(study)
+        if book.of_state(TrialState.RUNNING):
+            return False
+        if plan.seeds is not None:  # a duplicate left queued by two racing commands does not count
+            return set(plan.seeds) <= {Book.seed_of(t) for t in book.final()}
+        return len(book.final()) >= plan.n_trials and not book.of_state(TrialState.WAITING)
+
+    def summarize(self, plan: StudyPlan, study: optuna.Study, finished: bool | None = None) -> dict[str, float]:
+        """Log the study's summary metrics to its parent run; end the parent when the study is complete."""
+        book = Book(study)
+        final = book.final()
+        values = [t.value for t in final if t.state == TrialState.COMPLETE and t.value is not None]
+        summary = {"study/n_complete": len(values),
+                   "study/n_pruned": sum(t.state == TrialState.PRUNED for t in final),
+                   "study/n_failed": sum(t.state == TrialState.FAIL for t in final),
+                   "study/n_over_budget": sum(t.user_attrs.get("status") == "over_budget" for t in final)}
+        if values:
+            best = max(values) if plan.direction == "maximize" else min(values)
+            summary.update({"study/best": best, "study/mean": statistics.fmean(values),
+                            "study/std": statistics.stdev(values) if len(values) > 1 else 0.0})
+        parent = study.user_attrs["mlflow_parent_run_id"]
+        now = int(time.time() * 1000)
+        self.client.log_batch(parent, metrics=[Metric(k, v, now, len(final)) for k, v in summary.items()])
+        if finished is None:
+            finished = self.complete(plan, study, book)
+        if finished:
+            self.client.set_terminated(parent, "FINISHED")
+        return summary
+
+    # --- workers -------------------------------------------------------------------------------
+
+    def claim(self, plan: StudyPlan, study: optuna.Study) -> optuna.Trial | None:
+        """A queued trial, taken atomically; in search mode a new TPE trial while fewer than N exist.
+
+        study.ask() would create a fresh trial when the queue is empty, so a worker that lost the
+        race for the last queued seed would start a trial without one. Claiming through the
+        storage's compare-and-set on the state (what ask() does inside) cannot.
+        """
+        storage, study_id = study._storage, study._study_id
+        taken = Book(study).seeds_taken()
+        for queued in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
+            if Book.seed_of(queued) in taken:
+                continue  # queued twice by two commands that started together
+            try:
+                if storage.set_trial_state_values(queued._trial_id, state=TrialState.RUNNING):
+                    return optuna.Trial(study, queued._trial_id)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+        if plan.search:
+            book = Book(study)
+            attempts = len(book.final()) + len(book.of_state(TrialState.RUNNING)) + len(book.to_requeue())
+            if attempts < plan.n_trials:
+                return study.ask()
+        return None
+
+    def work(self, plans: list[StudyPlan]) -> None:
+        """Claim and run trials until every study is complete or nothing is left for this worker."""
+        waited = False
+        while True:
+            for plan in plans:
+                study = self.study(plan)
+                optuna.storages.fail_stale_trials(study)  # heartbeat: a dead worker's trial is retried
+                trial = self.claim(plan, study)
+                if trial is not None:
+                    self.execute(plan, study, trial)
+                    self.summarize(plan, study)
+                    waited = False
+                    break
+            else:
+                running = sum(len(Book(self.study(p)).of_state(TrialState.RUNNING)) for p in plans)
+                if not running:
+                    return
+                if not has_heartbeat(self.storage):
+                    self.echo(f"{running} trial(s) still running in other workers; this worker is done "
+                              f"(journal storage has no heartbeat to detect a dead worker)")
+                    return
+                interval = self.storage.get_heartbeat_interval()
+                if not waited:
+                    self.echo(f"waiting for {running} trial(s) running in other workers; a dead worker's trial is "
+                              f"retried here after {2 * interval} s without a heartbeat")
+                    waited = True
+                time.sleep(min(POLL_SECONDS, interval))
+
+    def execute(self, plan: StudyPlan, study: optuna.Study, trial: optuna.Trial) -> None:
+        seed = trial.suggest_int("seed", 0, SEED_MAX) if plan.seeds is not None else plan.search_seed
+        overrides = plan.search.suggest(trial) if plan.search else {}
+        cfg = plan.config_for(seed, overrides)
+        objective_key = f"eval/{plan.objective}"
+        if plan.objective in ("fid", "kid", "precision", "recall") and self.weights and not self.weights.verified:
+            objective_key += "_unverified"
+        trial.set_user_attr("worker", self.worker)
+        label = f"{plan.arm.name} seed {seed}" + (f" trial {trial.number} {overrides}" if plan.search else "")
+        tags = {"kind": "trial", "ablation": plan.arm.name, "dataset": plan.dataset, "seed": str(seed),
+                "budget": plan.budget, "study": plan.name, "optuna.study_name": plan.name,
+                "optuna.trial_number": str(trial.number)}
+        # A search trial gets its own folder even when TPE repeats parameters; its retries and resumes share it.
+        suffix = f"-trial{root_of(study._storage.get_trial(trial._trial_id))}" if plan.search else ""
+        run_dir = run_dir_for(self.out, plan.experiment, plan.arm.name, cfg, plan.budget, suffix)
+        self.echo(f"== {label}: {plan.arm.description}\n   run folder: {run_dir}")
+
+        def report(metrics: dict[str, float], step: int) -> None:
+            if plan.search and objective_key in metrics:
+                trial.report(metrics[objective_key], step)
+                if trial.should_prune():
+                    raise Pruned(f"pruned at {step} images: {objective_key} = {metrics[objective_key]:.6g}")
+
+        state, value = TrialState.FAIL, None
+        try:
+            with heartbeat(study._storage, trial._trial_id):
+                outcome = run_trial(cfg, tags, run_dir, plan.experiment, self.device, self.cache_dir, self.progress,
+                                    self.weights, study.user_attrs["mlflow_parent_run_id"], report,
+                                    self.source_for(cfg))
+        except KeyboardInterrupt:
+            trial.set_user_attr("resumable", True)
+            trial.set_user_attr("reason", "interrupted")
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        except ConfigError:  # bad input stops the command; the trial runs again once it is fixed
+            trial.set_user_attr("resumable", True)
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        except Exception as err:  # a failed trial is recorded and the study goes on
+            trial.set_user_attr("resumable", True)
+            trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:1000])
+            study.tell(trial, state=TrialState.FAIL)
+            self.failures += 1
+            self.echo(f"   FAILED with an error ({type(err).__name__}: {err}); rerun the command to retry it")
+            return
+        trial.set_user_attr("mlflow_run_id", outcome.run_id)
+        trial.set_user_attr("status", outcome.kind)
+        if outcome.result is not None:
+            trial.set_user_attr("resumed_from", outcome.result.resumed_from)
+        if outcome.kind == "finished":
+            value = self.client.get_run(outcome.run_id).data.metrics.get(objective_key)
+            state = TrialState.COMPLETE if value is not None and math.isfinite(value) else TrialState.FAIL
+        elif outcome.kind == "pruned":
+            state = TrialState.PRUNED
+        study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+        self.client.set_tag(outcome.run_id, "optuna.state", state.name)
+        self.failures += state == TrialState.FAIL
+        self.report_outcome(outcome, state, objective_key, value)
+
+    def interrupted(self, plans: list[StudyPlan]) -> None:
+        """Mark the parent run of each unfinished study that no other worker is running as KILLED."""
+        for plan in plans:
+            study = self.study(plan)
+            parent = study.user_attrs.get("mlflow_parent_run_id")
+            if parent and not Book(study).of_state(TrialState.RUNNING) and not self.complete(plan, study):
+                self.client.set_terminated(parent, "KILLED")
+
+    def report_outcome(self, outcome, state, objective_key: str, value) -> None:
+        self.echo(f"   {state.name}: MLflow run {outcome.run_id}" + (f" ({outcome.reason})" if outcome.reason else "")
+                  + (f"; {objective_key} = {value:.6g}" if value is not None else ""))
+        if outcome.result is not None:
+            r, s = outcome.result, outcome.result.seconds
+            self.echo(f"   {r.images_seen} images in {r.steps} steps, final loss {r.final_loss:.4f}"
+                      + (f", resumed at {r.resumed_from} images" if r.resumed_from else ""))
+            self.echo(f"   wall time: step {s['step']:.1f}s, eval {s['eval']:.1f}s, data {s['data']:.2f}s, logging "
+                      f"{s['logging']:.2f}s, checkpoints {s['checkpoint']:.2f}s; harness overhead "
+                      f"{100 * r.overhead_fraction:.2f}% of training time (eval excluded)")

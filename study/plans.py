@@ -1,0 +1,51 @@
+"""What one Optuna study trains: an arm on a dataset under a budget, over seeds or a search space."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from liquid_diffusion.config import METRICS, ExperimentConfig
+
+from .arms import OverrideSet
+from .search import SearchSpace
+
+
+@dataclass
+class StudyPlan:
+    """What one study trains: an arm on a dataset under a budget, over seeds or over a search space."""
+
+    arm: OverrideSet
+    dataset: str
+    budget: str
+    base: ExperimentConfig  # the resolved config before seed and search overrides
+    experiment: str
+    seeds: list[int] | None = None  # seeds mode
+    search: SearchSpace | None = None  # search mode: TPE over this space ...
+    n_trials: int = 0  # ... for this many trials
+    search_seed: int = 0  # ... all trained with this seed
+
+    @property
+    def name(self) -> str:
+        data = self.dataset
+        if "/" in data:  # a folder: its name plus a digest of the absolute path
+            data = f"{Path(data).name}-{hashlib.sha256(data.encode()).hexdigest()[:8]}"
+        return f"{self.experiment}:{self.arm.name}:{data}:{self.budget}" + (":search" if self.search else "")
+
+    @property
+    def objective(self) -> str:
+        return self.base.eval_metrics[1]
+
+    @property
+    def direction(self) -> str:
+        return "maximize" if METRICS[self.objective] else "minimize"
+
+    @property
+    def digest(self) -> str:
+        """Identifies the study's config; a rerun with another config must not continue the study."""
+        return hashlib.sha256(json.dumps(self.base.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def config_for(self, seed: int, overrides: dict) -> ExperimentConfig:
+        return self.base.with_overrides({**overrides, "train.seed": seed})

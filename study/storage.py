@@ -1,0 +1,68 @@
+"""Open the Optuna storage that a study lives in: a file beside mlflow.db, any SQLAlchemy URL, or a journal file.
+
+RDB storages (SQLite, PostgreSQL, MySQL) get Optuna's heartbeat: a trial whose worker stops
+beating is failed after the grace period and retried by RetryHeartbeatStaleTrialCallback, and the
+retry resumes from the run's checkpoint. Journal files have no heartbeat in Optuna.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from urllib.parse import urlparse, urlunparse
+
+from liquid_diffusion.config import ConfigError
+
+HEARTBEAT_SECONDS = 60
+JOURNAL_PREFIX = "journal:"
+
+
+def default_storage_url(tracking_uri: str) -> str:
+    """optuna.db beside a sqlite mlflow.db; in the working directory for any other tracking store."""
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme == "sqlite" and tracking_uri.startswith("sqlite:///"):
+        folder = Path(tracking_uri.removeprefix("sqlite:///")).parent
+        return f"sqlite:///{folder / 'optuna.db'}"
+    return "sqlite:///optuna.db"
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for tags and messages."""
+    parsed = urlparse(url)
+    if parsed.password:
+        netloc = f"{parsed.username}:***@{parsed.hostname}" + (f":{parsed.port}" if parsed.port else "")
+        return urlunparse(parsed._replace(netloc=netloc))
+    return url
+
+
+def open_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS):
+    """An Optuna storage for `url`; ConfigError, naming the URL, when it cannot be opened."""
+    import optuna
+    from optuna.exceptions import ExperimentalWarning
+
+    if url.startswith(JOURNAL_PREFIX) or url.endswith((".log", ".journal")):
+        path = Path(url.removeprefix(JOURNAL_PREFIX)).expanduser()
+        if not path.parent.is_dir():
+            raise ConfigError(f"--storage {url}: folder {path.parent} does not exist")
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(str(path)))
+    if "://" not in url:
+        raise ConfigError(f"--storage {url!r} is not valid; expected an SQLAlchemy URL (sqlite:///optuna.db, "
+                          f"postgresql://user:password@host/db) or a journal file (journal:PATH or PATH.log)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeat_interval is marked experimental
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=heartbeat_seconds, grace_period=2 * heartbeat_seconds,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+                # SQLite: wait for another worker's write lock instead of failing at once
+                engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True},
+            )
+    except Exception as err:  # SQLAlchemy and its drivers raise many kinds: name it and move on
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ConfigError(f"--storage {redact(url)}: cannot open it ({type(err).__name__}: {detail[:200]})") from None
+
+
+def has_heartbeat(storage) -> bool:
+    return bool(getattr(storage, "get_heartbeat_interval", lambda: None)())

@@ -1,0 +1,233 @@
+"""The Optuna study driver on cpu-smoke: seeds and search, parent and child runs, resume, workers, storages."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+RUN = [sys.executable, "study/run.py"]
+SMOKE = ["--budget", "cpu-smoke", "--no-progress"]
+
+
+@pytest.fixture
+def store(tmp_path, repo):
+    """A fresh MLflow store and Optuna file per test, sharing one data/classifier cache."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "LIQUID_DIFFUSION_CACHE": str(repo / ".pytest_cache" / "liquid-cache"), "PYTHONUNBUFFERED": "1"}
+    return tmp_path, env
+
+
+def run(repo, env, *args, timeout=600):
+    return subprocess.run([*RUN, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def runs(env, experiment, kind):
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.kind = '{kind}'") if exp else []
+
+
+def trials(tmp_path, name, storage=None):
+    from study.storage import open_storage
+
+    study = optuna.load_study(study_name=name, storage=open_storage(storage or f"sqlite:///{tmp_path / 'optuna.db'}"))
+    return study.get_trials(deepcopy=False)
+
+
+def test_two_arms_by_two_seeds_make_four_children_under_two_parents_and_a_rerun_adds_nothing(repo, store):
+    tmp_path, env = store
+    args = ["--ablation", "baseline,no_relax", "--seeds", "2", "--experiment", "grid", "--out", str(tmp_path / "o"), *SMOKE]
+    result = run(repo, env, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    parents = {p.data.tags["ablation"]: p for p in runs(env, "grid", "study")}
+    children = runs(env, "grid", "trial")
+    assert sorted(parents) == ["baseline", "no_relax"] and len(children) == 4
+    for child in children:
+        arm = child.data.tags["ablation"]
+        parent = parents[arm]
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.info.status == "FINISHED" and child.data.tags["optuna.state"] == "COMPLETE"
+        assert child.data.tags["study"] == parent.data.tags["study"] == f"grid:{arm}:mnist:cpu-smoke"
+    assert sorted((c.data.tags["ablation"], c.data.tags["seed"]) for c in children) == [
+        ("baseline", "0"), ("baseline", "1"), ("no_relax", "0"), ("no_relax", "1")]
+    for arm, parent in parents.items():
+        values = [c.data.metrics["eval/fd_digits"] for c in children if c.data.tags["ablation"] == arm]
+        assert parent.info.status == "FINISHED" and parent.data.tags["budget"] == "cpu-smoke"
+        assert parent.data.metrics["study/mean"] == pytest.approx(sum(values) / 2)
+        assert parent.data.metrics["study/best"] == pytest.approx(min(values))  # fd_digits: lower is better
+        assert parent.data.metrics["study/std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+        assert parent.data.metrics["study/n_complete"] == 2
+
+    again = run(repo, env, *args)
+    assert again.returncode == 0 and "== " not in again.stdout
+    assert len(runs(env, "grid", "trial")) == 4 and len(trials(tmp_path, "grid:baseline:mnist:cpu-smoke")) == 2
+
+
+def long_smoke_budget(repo, tmp_path) -> str:
+    """cpu-smoke with enough steps to kill a run between checkpoints."""
+    budgets = yaml.safe_load((repo / "study" / "budgets.yaml").read_text())
+    smoke = budgets["cpu-smoke"]
+    smoke["overrides"].update({"train.images": 1600, "train.checkpoint_every_images": 32,
+                               "train.eval_every_images": 800, "train.log_every_steps": 5})
+    path = tmp_path / "budgets.yaml"
+    path.write_text(yaml.safe_dump({"cpu-smoke": smoke}))
+    return str(path)
+
+
+def test_a_sigkilled_worker_s_trial_is_retried_from_its_checkpoint(repo, store):
+    tmp_path, env = store
+    args = ["--ablation", "baseline", "--experiment", "kill", "--out", str(tmp_path / "o"), *SMOKE,
+            "--budgets-file", long_smoke_budget(repo, tmp_path), "--heartbeat-seconds", "1"]
+    worker = subprocess.Popen([*RUN, *args], cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not list((tmp_path / "o").rglob("checkpoint-*")) and time.time() < deadline:
+        time.sleep(0.2)
+    worker.send_signal(signal.SIGKILL)  # no chance to mark anything: only the heartbeat stops
+    worker.wait()
+
+    result = run(repo, env, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    killed, retried = trials(tmp_path, "kill:baseline:mnist:cpu-smoke")
+    assert killed.state == optuna.trial.TrialState.FAIL and retried.state == optuna.trial.TrialState.COMPLETE
+    assert retried.params == killed.params == {"seed": 0}
+    assert retried.user_attrs["resumed_from"] > 0  # its first step came after the checkpoint
+    [child] = runs(env, "kill", "trial")  # the same MLflow run, continued
+    assert child.info.status == "FINISHED" and child.info.run_id == retried.user_attrs["mlflow_run_id"]
+    first_after_resume = [m.step for m in MlflowClient(env["MLFLOW_TRACKING_URI"]).get_metric_history(
+        child.info.run_id, "train/loss") if m.step > retried.user_attrs["resumed_from"]]
+    assert first_after_resume and len(first_after_resume) == len(set(first_after_resume))
+
+
+def test_two_workers_split_the_trials_without_duplicates(repo, store):
+    tmp_path, env = store
+    result = run(repo, env, "--ablation", "baseline", "--seeds", "4", "--workers", "2", "--experiment", "two",
+                 "--out", str(tmp_path / "o"), *SMOKE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    done = trials(tmp_path, "two:baseline:mnist:cpu-smoke")
+    assert sorted(t.params["seed"] for t in done) == [0, 1, 2, 3]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in done)
+    assert len({t.user_attrs["worker"] for t in done}) == 2
+    assert "[worker 1]" in result.stdout and "[worker 2]" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(repo, store, monkeypatch, capsys):
+    tmp_path, env = store
+    import mlflow
+
+    from liquid_diffusion.train import Trainer
+    from study import run as run_py
+
+    real_batch = Trainer._batch
+
+    def nan_for_seed_1(self):  # a NaN injected into one seed's data
+        x0, noise, t = real_batch(self)
+        return (x0 * float("nan") if self.cfg.train.seed == 1 else x0), noise, t
+
+    monkeypatch.setattr(Trainer, "_batch", nan_for_seed_1)
+    monkeypatch.setenv("LIQUID_DIFFUSION_CACHE", env["LIQUID_DIFFUSION_CACHE"])
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    code = run_py.main(["--ablation", "baseline", "--seeds", "3", "--experiment", "nan", "--out", str(tmp_path / "o"),
+                        *SMOKE])
+    assert code == 1  # the study finished, with a failure to report
+    by_seed = {t.params["seed"]: t for t in trials(tmp_path, "nan:baseline:mnist:cpu-smoke")}
+    assert by_seed[1].state == optuna.trial.TrialState.FAIL and by_seed[1].user_attrs["status"] == "non_finite"
+    assert by_seed[0].state == by_seed[2].state == optuna.trial.TrialState.COMPLETE
+    failed = [r for r in runs(env, "nan", "trial") if r.data.tags["seed"] == "1"][0]
+    assert failed.info.status == "FAILED" and failed.data.tags["optuna.state"] == "FAIL"
+    [parent] = runs(env, "nan", "study")
+    assert parent.data.metrics["study/n_failed"] == 1 and parent.data.metrics["study/n_complete"] == 2
+    assert "1 failed" in capsys.readouterr().out
+
+
+def test_search_with_pruning_marks_pruned_trials_killed(repo, store):
+    tmp_path, env = store
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"space": {"train.lr": {"low": 1e-4, "high": 3e-3, "log": True},
+                                               "train.batch_size": {"choices": [8, 16, 64]}},
+                                     "pruner": {"type": "threshold", "upper": 0.0}}))  # prunes at the first eval
+    result = run(repo, env, "--ablation", "baseline", "--search", "3", "--search-space", str(space),
+                 "--experiment", "search", "--out", str(tmp_path / "o"), *SMOKE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    done = trials(tmp_path, "search:baseline:mnist:cpu-smoke:search")
+    assert len(done) == 3 and all(t.state == optuna.trial.TrialState.PRUNED for t in done)
+    assert all(t.params["train.batch_size"] in (8, 16) for t in done)  # 64 is above cpu-smoke's batch of 16
+    assert len({t.params["train.lr"] for t in done}) == 3
+    children = runs(env, "search", "trial")
+    assert len(children) == 3
+    for child in children:
+        assert child.info.status == "KILLED" and child.data.tags["optuna.state"] == "PRUNED"
+        assert child.data.tags["reason"].startswith("pruned at 48 images")
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--storage", "nosuchdb://x"], "--storage nosuchdb://x: cannot open it"),
+        (["--storage", "not a url"], "--storage 'not a url' is not valid"),
+        (["--storage", "journal:/no/such/folder/j.log"], "folder /no/such/folder does not exist"),
+        (["--ablation", "baseline,no_such_arm"], "unknown ablation 'no_such_arm'"),
+        (["--seeds", "0"], "--seeds: invalid value '0'"),
+        (["--search", "-1"], "--search: invalid value '-1'"),
+        (["--workers", "0"], "--workers: invalid value '0'"),
+        (["--seeds", "2", "--search", "2"], "not allowed with argument"),
+        (["--search", "2", "--search-space", "/no/such.yaml"], "/no/such.yaml: cannot read it"),
+        (["--dataset", "mnist,"], None),  # a trailing comma is fine: it names mnist
+    ],
+)
+def test_bad_study_options_exit_2_with_one_line(repo, store, args, fragment):
+    tmp_path, env = store
+    if "--ablation" not in args:
+        args = ["--ablation", "baseline", *args]
+    if "--storage" not in args:
+        args = [*args, "--dry-run"]  # the storage is opened only when training starts
+    result = run(repo, env, *args, "--experiment", "bad", "--out", str(tmp_path / "o"), *SMOKE, timeout=120)
+    if fragment is None:
+        assert result.returncode == 0, result.stderr
+        return
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and fragment in result.stderr, result.stderr
+
+
+def shared_storage_run(repo, store, storage: str, experiment: str):
+    tmp_path, env = store
+    result = run(repo, env, "--ablation", "baseline", "--seeds", "2", "--workers", "2", "--storage", storage,
+                 "--experiment", experiment, "--out", str(tmp_path / "o"), *SMOKE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    done = trials(tmp_path, f"{experiment}:baseline:mnist:cpu-smoke", storage)
+    assert sorted(t.params["seed"] for t in done) == [0, 1]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in done)
+    [parent] = runs(env, experiment, "study")
+    from study.storage import redact
+
+    assert parent.data.tags["optuna.storage"] == redact(storage)
+    assert not (tmp_path / "optuna.db").exists()  # the given storage, not the default file
+
+
+def test_a_journal_file_is_shared_by_two_workers(repo, store):
+    tmp_path, _ = store
+    shared_storage_run(repo, store, f"journal:{tmp_path / 'study.log'}", "journal")
+
+
+POSTGRES = os.environ.get("LIQUID_DIFFUSION_TEST_POSTGRES")
+
+
+@pytest.mark.skipif(not POSTGRES, reason="no PostgreSQL server: .ci/run starts one and sets LIQUID_DIFFUSION_TEST_POSTGRES")
+def test_postgresql_is_shared_by_two_workers(repo, store):
+    experiment = f"pg{os.getpid()}{int(time.time())}"  # the server outlives the test: a fresh study name
+    shared_storage_run(repo, store, POSTGRES, experiment)
+
+
+def test_storage_urls_lose_their_password_in_tags():
+    from study.storage import default_storage_url, redact
+
+    assert redact("postgresql://ann:secret@db.lab:5432/optuna") == "postgresql://ann:***@db.lab:5432/optuna"
+    assert redact("sqlite:///x.db") == "sqlite:///x.db"
+    assert default_storage_url("sqlite:////data/runs/mlflow.db") == "sqlite:////data/runs/optuna.db"
+    assert default_storage_url("http://mlflow.lab:5000") == "sqlite:///optuna.db"
