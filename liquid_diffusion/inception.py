@@ -64,6 +64,13 @@ def _checked(path: Path, allow_unverified: bool, origin: str) -> InceptionWeight
     if actual == INCEPTION_SHA256:
         return InceptionWeights(path, verified=True)
     if allow_unverified:
+        # torch-fidelity unpickles the file in full; an unknown file must first pass torch's safe
+        # loader, which accepts tensors and plain containers and nothing that could run code.
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle and torch raise many kinds
+            raise WeightsError(f"Inception weights '{path}' are not a plain state dict that torch can load safely "
+                               f"({type(err).__name__}); refusing them even with --allow-unverified-weights") from None
         return InceptionWeights(path, verified=False)
     raise WeightsError(
         f"Inception weights '{path}' have SHA-256 {actual[:16]}..., not the standard {INCEPTION_FILE} "

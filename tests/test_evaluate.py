@@ -105,6 +105,10 @@ def test_unverified_weights_are_refused_unless_allowed(random_inception_weights,
     assert weights.tag == "unverified"
     with pytest.raises(WeightsError, match="not a file"):
         resolve_inception_weights(tmp_path / "missing.pth", allow_unverified=True)
+    unsafe = tmp_path / "unsafe.pth"
+    torch.save({"weights": torch.zeros(1), "extra": Image.new("L", (1, 1))}, unsafe)  # a pickle of an arbitrary object
+    with pytest.raises(WeightsError, match="safely"):
+        resolve_inception_weights(unsafe, allow_unverified=True)
 
 
 def test_the_environment_variable_and_the_hub_cache_are_searched(random_inception_weights, monkeypatch, tmp_path):
