@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,24 @@ class TrialOutcome:
     reason: str = ""
     result: TrainResult | None = None
     kind: str = "finished"  # finished | over_budget | non_finite | pruned
+
+
+def provenance() -> dict[str, str]:
+    """The software versions and git commit a run was made with, for the report's header."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = []
+    for package in ("torch", "diffusers", "mlflow", "optuna", "torch-fidelity"):
+        try:
+            versions.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {"versions": ", ".join(versions), "git.commit": commit or "unknown"}
 
 
 def run_dir_for(out_root: Path, experiment: str, arm: str, cfg: ExperimentConfig, budget: str, suffix: str = "") -> Path:
@@ -66,6 +85,7 @@ def run_trial(cfg: ExperimentConfig, tags: dict[str, str], run_dir: Path, experi
             mlflow.log_metrics({"data/images": len(latents), "data/skipped": source.skipped}, step=0)
             trainer = Trainer(cfg, latents, codec, run_dir, tracker=MLflowTracker(report), device=device, progress=progress,
                               evaluator=evaluator)
+            mlflow.set_tags({"device": str(trainer.device), "precision": trainer.precision, **provenance()})
             mlflow.log_param("model.parameters", sum(p.numel() for p in trainer.model.parameters()))
             result = trainer.run()
             mlflow.log_artifacts(str(trainer.export_ema(run_dir / "ema")), artifact_path="ema")

@@ -1,0 +1,174 @@
+"""Build the ablation report of an MLflow experiment: DIR/report.html, DIR/report.pdf and DIR/summary.csv.
+
+    python reports/build.py [--experiment NAME] [--out DIR] [--baseline ARM] [--tracking-uri URI]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from liquid_diffusion.config import ConfigError  # noqa: E402
+
+DEFAULT_EXPERIMENT = "liquid-diffusion"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="build.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("report"), help="output folder (default: %(default)s)")
+    parser.add_argument("--baseline", default="baseline", help="the arm others are compared with (default: %(default)s)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
+                                                             "sqlite:///mlflow.db)")
+    return parser
+
+
+def _links(run_ids: str, uri: str, experiment_id: str) -> str:
+    ids = run_ids.split()
+    if uri.startswith(("http://", "https://")):
+        return " ".join(f"<a href='{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{i}'>{i[:8]}</a>" for i in ids)
+    return " ".join(f"<code title='{i}'>{i[:8]}</code>" for i in ids)
+
+
+def _fmt_delta(row) -> str:
+    if row["delta"] != row["delta"]:  # NaN
+        return row["note"] or "—"
+    text = f"{row['delta']:+.4g} ({row['delta_rel_pct']:+.1f}%)"
+    if row["delta_ci_low"] == row["delta_ci_low"]:
+        text += f" [{row['delta_ci_low']:+.4g}, {row['delta_ci_high']:+.4g}]" + (" *" if row["ci_excludes_zero"] else "")
+    else:
+        text += f" ({row['note']})"
+    return text
+
+
+def build(experiment: str, out: Path, baseline: str) -> dict:
+    import mlflow
+    import pandas as pd
+
+    from reports.analysis import findings, outcome, summarize
+    from reports.collect import collect, last_sample_grid
+    from reports.figures import curves, loss_per_t_bin, sample_grids
+    from reports.render import Section, write_html, write_pdf
+
+    started = time.perf_counter()
+    data = collect(experiment)
+    runs, histories = data.runs, data.histories
+    arms = sorted(runs["arm"].unique())
+    if baseline not in arms:
+        raise ConfigError(f"--baseline '{baseline}' has no runs in experiment '{experiment}'; arms: {', '.join(arms)}")
+    summary = summarize(runs, histories, baseline)
+    runs = runs.assign(outcome=runs.apply(outcome, axis=1))
+    uri = mlflow.get_tracking_uri()
+
+    # --- header -------------------------------------------------------------------------------
+    protocol = []
+    for dataset, group in runs.groupby("dataset"):
+        objective = summary.loc[summary["dataset"] == dataset, "objective"].iloc[0]
+        first = group.iloc[0]
+        weights = group["tag:weights"].dropna().unique()
+        space = ("Inception weights: " + ", ".join(weights).upper() if len(weights) else
+                 "digit-classifier feature space (not FID)" if "digits" in objective or "confident" in objective
+                 or "entropy" in objective else "")
+        protocol.append(f"{dataset}: objective {objective or '—'}, N = {first['param:eval.n']}, N_ref = "
+                        f"{first['param:eval.n_ref']} ({first['param:eval.reference']}; reference set "
+                        f"{first['tag:eval.reference_set']}), {first['param:train.sample_steps']} Euler steps from the "
+                        f"EMA weights; {space}")
+    versions = "; ".join(sorted(runs["tag:versions"].dropna().unique())) or "not recorded"
+    commits = ", ".join(sorted(runs["tag:git.commit"].dropna().unique())) or "not recorded"
+    header = Section("Protocol", [
+        f"Experiment '{experiment}' ({uri}); {len(runs)} finished trial runs.",
+        f"Datasets: {', '.join(sorted(runs['dataset'].unique()))}. Budget profiles: "
+        f"{', '.join(sorted(runs['tag:budget'].dropna().unique()))}. Baseline arm: {baseline}.",
+        *[f"Evaluation, {line}" for line in protocol],
+        f"Software: {versions}. Git commit(s): {commits}.",
+        f"Runs from {runs['start'].min():%Y-%m-%d %H:%M} to {runs['end'].max():%Y-%m-%d %H:%M} UTC.",
+    ])
+    found = Section("Findings", findings(summary, baseline) or ["No arm to compare with the baseline."])
+    found.paragraphs.append("Deltas are arm minus baseline on the final objective; CIs are Welch's 95% t intervals "
+                            "over seeds. '*' marks a CI that excludes 0.")
+
+    # --- per dataset ---------------------------------------------------------------------------
+    sections = [header, found]
+    for dataset, rows in summary.groupby("dataset"):
+        objective = rows["objective"].iloc[0]
+        table = pd.DataFrame({
+            "arm": rows["arm"], "objective": objective,
+            "mean ± std": [f"{m:.4g} ± {s:.2g}" if s == s else (f"{m:.4g}" if m == m else "—")
+                           for m, s in zip(rows["mean"], rows["std"])],
+            "seeds": rows["n_seeds"], f"Δ vs {baseline} [95% CI]": [_fmt_delta(r) for _, r in rows.iterrows()],
+            "params (M)": rows["params"] / 1e6, "train img/s": rows["img_per_s"], "peak mem (GB)": rows["peak_mem_gb"],
+            "images seen": rows["images_seen"],
+            "links": [_links(r, uri, data.experiment.experiment_id) for r in rows["run_ids"]],
+        })
+        done = runs[(runs["dataset"] == dataset) & (runs["outcome"] == "complete")]
+        grids = {}
+        for arm, group in done.groupby("arm"):
+            png = last_sample_grid(group.sort_values("seed")["run_id"].iloc[0])
+            if png:
+                grids[arm] = png
+        figures = [curves(done, histories, dataset, objective), loss_per_t_bin(done, dataset)]
+        if grids:
+            figures.append(sample_grids(grids, dataset))
+        sections.append(Section(f"Results: {dataset}", [], table, figures))
+
+    # --- budget and untidy data ---------------------------------------------------------------
+    budget = summary[["dataset", "arm", "wall_s", "images_seen", "device", "precision", "n_seeds"]].copy()
+    budget["wall (min)"] = budget.pop("wall_s") / 60
+    total = pd.DataFrame([{"dataset": "total", "arm": "", "wall (min)": budget["wall (min)"].sum(),
+                           "images_seen": (summary["images_seen"] * summary["n_seeds"]).sum(), "device": "",
+                           "precision": "", "n_seeds": budget["n_seeds"].sum()}])
+    sections.append(Section("Budget accounting", ["Wall time is each run's start to end, summed; images seen are "
+                                                  "per completed run (the total multiplies by seeds)."],
+                            pd.concat([budget, total], ignore_index=True)))
+    left = runs[runs["outcome"] != "complete"]
+    notes = [f"{len(data.running)} RUNNING run(s) left out: " + ", ".join(
+        f"{r['arm']} seed {r['tag:seed']} ({r['run_id'][:8]})" for _, r in data.running.iterrows())
+        if len(data.running) else "No RUNNING runs."]
+    notes.append("Not completed: " + ", ".join(f"{k} {v}" for k, v in left["outcome"].value_counts().items())
+                 if len(left) else "Every finished run completed.")
+    notes += [f"Arm {r['arm']} ({r['dataset']}): {r['note']}." for _, r in summary.iterrows() if r["note"]]
+    listing = left[["arm", "dataset", "tag:seed", "outcome", "tag:reason", "run_id"]].rename(
+        columns={"tag:seed": "seed", "tag:reason": "reason"})
+    sections.append(Section("Left out", notes, listing))
+
+    # --- write: into temporary names, then renamed, so a crash leaves no half-written report ---
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"LiquidDiffusion ablation report: {experiment}"
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        tmp = Path(tmp)
+        summary.to_csv(tmp / "summary.csv", index=False)
+        write_html(tmp / "report.html", title, sections)
+        pages = write_pdf(tmp / "report.pdf", title, sections)
+        for name in ("summary.csv", "report.html", "report.pdf"):
+            os.replace(tmp / name, out / name)
+    return {"runs": len(runs), "pages": pages, "seconds": time.perf_counter() - started}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
+    result = build(args.experiment, args.out, args.baseline)
+    print(f"report of {result['runs']} runs in {result['seconds']:.1f} s: {args.out / 'report.html'}, "
+          f"{args.out / 'report.pdf'} ({result['pages']} pages), {args.out / 'summary.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        sys.exit(main())
+    except ConfigError as err:
+        print(f"build.py: error: {err}", file=sys.stderr)
+        sys.exit(2)

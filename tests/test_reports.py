@@ -1,0 +1,111 @@
+"""reports/build.py on synthetic MLflow stores with known numbers: CSV, HTML, PDF, a real browser, untidy data."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from scipy import stats
+
+from reports.synthetic import make_experiment
+
+ARMS = {"baseline": [10.0, 12.0, 14.0], "no_relax": [13.0, 15.0, 17.5], "mix_3": [11.0]}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, repo):
+    """One untidy synthetic experiment and its report."""
+    root = tmp_path_factory.mktemp("report")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    make_experiment(MlflowClient(uri), "synth", ARMS, untidy=True, grids=True)
+    result = subprocess.run([sys.executable, "reports/build.py", "--experiment", "synth", "--out", str(root / "out"),
+                             "--tracking-uri", uri], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "out", result
+
+
+def test_summary_csv_has_the_exact_means_stds_deltas_and_scipy_s_welch_ci(built):
+    out, _ = built
+    summary = pd.read_csv(out / "summary.csv").set_index("arm")
+    for arm, values in ARMS.items():
+        assert summary.loc[arm, "mean"] == pytest.approx(np.mean(values))
+        assert summary.loc[arm, "n_seeds"] == len(values)
+    assert summary.loc["baseline", "std"] == pytest.approx(np.std(ARMS["baseline"], ddof=1))
+    assert summary.loc["no_relax", "delta"] == pytest.approx(np.mean(ARMS["no_relax"]) - 12.0)
+    assert summary.loc["no_relax", "delta_rel_pct"] == pytest.approx(100 * (np.mean(ARMS["no_relax"]) - 12) / 12)
+    ci = stats.ttest_ind(ARMS["no_relax"], ARMS["baseline"], equal_var=False).confidence_interval(0.95)
+    assert (summary.loc["no_relax", "delta_ci_low"], summary.loc["no_relax", "delta_ci_high"]) == pytest.approx(
+        (ci.low, ci.high), rel=1e-9)
+    assert bool(summary.loc["no_relax", "ci_excludes_zero"]) == (ci.low > 0 or ci.high < 0)
+    # one seed: a delta but no interval, and the reason
+    assert summary.loc["mix_3", "delta"] == pytest.approx(-1.0) and np.isnan(summary.loc["mix_3", "delta_ci_low"])
+    assert summary.loc["mix_3", "note"] == "one seed: no CI"
+    # untidy: the pruned, over-budget and failed runs are counted, not averaged in
+    assert summary.loc["no_relax", "n_pruned"] == 1 and summary.loc["no_relax", "n_failed"] == 1
+    assert summary.loc["baseline", "n_over_budget"] == 1
+    assert summary.loc["no_metric", "n_seeds"] == 0 and np.isnan(summary.loc["no_metric", "mean"])
+
+
+def test_html_has_every_section_embeds_its_images_and_requests_nothing(built):
+    out, _ = built
+    page = (out / "report.html").read_text()
+    for section in ("Protocol", "Findings", "Results: mnist", "Budget accounting", "Left out"):
+        assert f"<h2>{section}</h2>" in page
+    assert page.count("src='data:image/png;base64,") == 3  # curves, t-bins, sample grids
+    assert "http://" not in page and "https://" not in page and "<script" not in page and "<link" not in page
+    assert "1 RUNNING run(s) left out: baseline seed 90" in page
+    assert "no clear difference" in page or "95% CI" in page
+    assert "mix_3 (mnist): fd_digits -8.3% vs baseline, 1 seed, no confidence interval" in page
+    assert "digit-classifier feature space (not FID)" in page and "torch 2.14.1" in page
+
+
+def test_pdf_has_the_expected_pages_and_a_readable_table(built):
+    from pypdf import PdfReader
+
+    out, _ = built
+    reader = PdfReader(out / "report.pdf")
+    # prose, results table, 3 figures, budget table, left-out table
+    assert len(reader.pages) == 7
+    table = reader.pages[1].extract_text()
+    for text in ("baseline", "no_relax", "mix_3", "12 ± 2"):
+        assert text in table, table[:500]
+
+
+BROWSER = shutil.which("chromium-headless-shell") or shutil.which("chromium") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(not BROWSER, reason="no headless Chromium: .ci/run installs Debian's chromium-headless-shell")
+def test_the_html_renders_in_headless_chromium(built, tmp_path):
+    out, _ = built
+    url = (out / "report.html").resolve().as_uri()
+    shot = tmp_path / "shot.png"
+    flags = [BROWSER, "--no-sandbox", "--disable-gpu", "--window-size=1280,2000"]
+    subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True)
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(shot).convert("L"))
+    assert pixels.std() > 10 and (pixels < 128).mean() > 0.005  # not blank: text, tables and plots drawn
+    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "<table>" in dom and "no_relax" in dom and "Budget accounting" in dom
+
+
+@pytest.mark.parametrize("case", ["unknown experiment", "no trial runs", "unknown baseline", "bad option"])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(repo, tmp_path, case):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    client.create_experiment("empty")
+    make_experiment(client, "small", {"baseline": [1.0]})
+    args = {"unknown experiment": ["--experiment", "nope"], "no trial runs": ["--experiment", "empty"],
+            "unknown baseline": ["--experiment", "small", "--baseline", "base"], "bad option": ["--colour"]}[case]
+    expected = {"unknown experiment": "unknown experiment 'nope'", "no trial runs": "has no trial runs",
+                "unknown baseline": "--baseline 'base' has no runs", "bad option": "unrecognized arguments"}[case]
+    result = subprocess.run([sys.executable, "reports/build.py", *args, "--out", str(tmp_path / "out"),
+                             "--tracking-uri", uri], cwd=repo, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "out" / "report.html").exists()
