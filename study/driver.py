@@ -30,7 +30,7 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from optuna.trial import TrialState
 
-from liquid_diffusion.config import ConfigError, ExperimentConfig
+from liquid_diffusion.config import INCEPTION_METRICS, ConfigError, ExperimentConfig
 from liquid_diffusion.data import open_source
 from liquid_diffusion.train import Pruned
 
@@ -276,7 +276,7 @@ class Driver:
         overrides = plan.search.suggest(trial) if plan.search else {}
         cfg = plan.config_for(seed, overrides)
         objective_key = f"eval/{plan.objective}"
-        if plan.objective in ("fid", "kid", "precision", "recall") and self.weights and not self.weights.verified:
+        if plan.objective in INCEPTION_METRICS and self.weights and not self.weights.verified:
             objective_key += "_unverified"
         trial.set_user_attr("worker", self.worker)
         label = f"{plan.arm.name} seed {seed}" + (f" trial {trial.number} {overrides}" if plan.search else "")

@@ -154,7 +154,8 @@ def train(args, argv: list[str], plans) -> int:
     url = args.storage or default_storage_url(mlflow.get_tracking_uri())
     prefix = f"[worker {args.worker}] " if args.worker else ""
     driver = Driver(open_storage(url, args.heartbeat_seconds), url, args.out, args.device, args.cache_dir,
-                    not args.no_progress, weights, echo=lambda line: print(prefix + line.replace("\n", "\n" + prefix), flush=True))
+                    not args.no_progress, weights, echo=lambda line: print(prefix + line.replace("\n", "\n" + prefix), flush=True),
+                    worker_number=args.worker)
     for plan in plans:  # a dataset that cannot be had fails here, before any study or run exists
         driver.source_for(plan.base)
     try:
