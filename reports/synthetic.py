@@ -18,10 +18,10 @@ OBJECTIVE = "eval/fd_digits"
 
 def add_run(client: MlflowClient, experiment_id: str, arm: str, seed: int, final: float | None, status="FINISHED",
             extra_tags: dict | None = None, evals: int = 3, loss_points: int = 20, dataset: str = "mnist",
-            grid: np.ndarray | None = None) -> str:
+            grid: np.ndarray | None = None, objective: str = OBJECTIVE) -> str:
     run = client.create_run(experiment_id, run_name=f"{arm}-seed{seed}", tags={
         "kind": "trial", "ablation": arm, "dataset": dataset, "seed": str(seed), "budget": "cpu-demo",
-        "study": f"synthetic:{arm}:{dataset}:cpu-demo", "eval.objective": OBJECTIVE, "device": "cpu",
+        "study": f"synthetic:{arm}:{dataset}:cpu-demo", "eval.objective": objective, "device": "cpu",
         "precision": "fp32", "eval.reference_set": "ref-mnist-12px-images-n5000-synthetic",
         "versions": "torch 2.14.1", "git.commit": "abc1234", **(extra_tags or {})})
     run_id, now = run.info.run_id, int(time.time() * 1000)
@@ -32,7 +32,7 @@ def add_run(client: MlflowClient, experiment_id: str, arm: str, seed: int, final
     metrics += [Metric("train/img_per_s", 250.0, now, 1000 * loss_points), Metric("train/peak_mem_gb", 1.5, now, 0)]
     if final is not None:  # the objective falls towards `final` at the last evaluation
         steps = np.linspace(1000 * loss_points / evals, 1000 * loss_points, evals).astype(int)
-        metrics += [Metric(OBJECTIVE, final * (1 + (evals - 1 - i)), now, int(s)) for i, s in enumerate(steps)]
+        metrics += [Metric(objective, final * (1 + (evals - 1 - i)), now, int(s)) for i, s in enumerate(steps)]
     client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()],
                      tags=[RunTag("mlflow.runName", f"{arm}-seed{seed}")])
     if grid is not None:

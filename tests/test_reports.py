@@ -109,3 +109,17 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(repo, tmp_path, case
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "out" / "report.html").exists()
+
+
+def test_unverified_inception_weights_are_flagged_in_the_report(repo, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    make_experiment(MlflowClient(uri), "unverified", {"baseline": [30.0, 32.0], "no_relax": [31.0, 35.0]},
+                    dataset="afhq", objective="eval/fid_unverified", extra_tags={"weights": "unverified"})
+    result = subprocess.run([sys.executable, "reports/build.py", "--experiment", "unverified", "--out",
+                             str(tmp_path / "out"), "--tracking-uri", uri], cwd=repo, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "afhq: objective eval/fid_unverified" in page and "Inception weights: UNVERIFIED" in page
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv").set_index("arm")
+    assert summary.loc["no_relax", "delta"] == pytest.approx(2.0)
