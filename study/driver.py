@@ -107,13 +107,14 @@ def heartbeat(storage, trial_id: int):
 
 class Driver:
     def __init__(self, storage, storage_url: str, out: Path, device: str, cache_dir: Path | None, progress: bool,
-                 weights=None, echo=print, worker_number: int = 0):
+                 weights=None, echo=print, worker_number: int = 0, compile: bool = False):
         self.storage, self.storage_url = storage, storage_url
         self.out, self.device, self.cache_dir, self.progress, self.weights = out, device, cache_dir, progress, weights
         self.echo = echo
         self.client = mlflow.MlflowClient()
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.worker_number = worker_number
+        self.compile = compile
         self.failures = 0
         self._studies: dict[str, optuna.Study] = {}
         self._sources: dict[str, object] = {}
@@ -299,7 +300,7 @@ class Driver:
             with heartbeat(study._storage, trial._trial_id):
                 outcome = run_trial(cfg, tags, run_dir, plan.experiment, self.device, self.cache_dir, self.progress,
                                     self.weights, study.user_attrs["mlflow_parent_run_id"], report,
-                                    self.source_for(cfg))
+                                    self.source_for(cfg), self.compile)
         except KeyboardInterrupt:
             trial.set_user_attr("resumable", True)
             trial.set_user_attr("reason", "interrupted")

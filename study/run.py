@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="latent, classifier and reference-statistics cache (default: $LIQUID_DIFFUSION_CACHE or ~/.cache/liquid_diffusion)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the training forward: same results to float rounding, faster steps after "
+                             "minutes of compiling; worth it for long runs only")
     add_weights_arguments(parser)
     parser.add_argument("--ablations-dir", type=Path, default=ABLATIONS_DIR, help="where the arm files live (default: %(default)s)")
     parser.add_argument("--budgets-file", type=Path, default=BUDGETS_FILE, help=argparse.SUPPRESS)
@@ -155,7 +158,7 @@ def train(args, argv: list[str], plans) -> int:
     prefix = f"[worker {args.worker}] " if args.worker else ""
     driver = Driver(open_storage(url, args.heartbeat_seconds), url, args.out, args.device, args.cache_dir,
                     not args.no_progress, weights, echo=lambda line: print(prefix + line.replace("\n", "\n" + prefix), flush=True),
-                    worker_number=args.worker)
+                    worker_number=args.worker, compile=args.compile)
     for plan in plans:  # a dataset that cannot be had fails here, before any study or run exists
         driver.source_for(plan.base)
     try:

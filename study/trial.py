@@ -59,7 +59,7 @@ def run_dir_for(out_root: Path, experiment: str, arm: str, cfg: ExperimentConfig
 def run_trial(cfg: ExperimentConfig, tags: dict[str, str], run_dir: Path, experiment: str = DEFAULT_EXPERIMENT,
               device: str = "auto", cache_dir: Path | None = None, progress: bool = True,
               weights: InceptionWeights | None = None, parent_run_id: str | None = None,
-              report=None, source=None) -> TrialOutcome:
+              report=None, source=None, compile: bool = False) -> TrialOutcome:
     """Train `cfg` to its budget, resuming from `run_dir` if an earlier attempt left a checkpoint.
 
     Data, codec and evaluation-weights errors are raised before any MLflow run exists. SIGINT/SIGTERM
@@ -84,8 +84,9 @@ def run_trial(cfg: ExperimentConfig, tags: dict[str, str], run_dir: Path, experi
             mlflow.log_dict(cfg.to_dict(), "config.yaml")
             mlflow.log_metrics({"data/images": len(latents), "data/skipped": source.skipped}, step=0)
             trainer = Trainer(cfg, latents, codec, run_dir, tracker=MLflowTracker(report), device=device, progress=progress,
-                              evaluator=evaluator)
-            mlflow.set_tags({"device": str(trainer.device), "precision": trainer.precision, **provenance()})
+                              evaluator=evaluator, compile=compile)
+            mlflow.set_tags({"device": str(trainer.device), "precision": trainer.precision, "compile": str(compile).lower(),
+                             **provenance()})
             mlflow.log_param("model.parameters", sum(p.numel() for p in trainer.model.parameters()))
             result = trainer.run()
             mlflow.log_artifacts(str(trainer.export_ema(run_dir / "ema")), artifact_path="ema")
