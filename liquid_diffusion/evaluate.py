@@ -74,6 +74,13 @@ class ImageSet(Dataset):
         return image.expand(3, -1, -1) if image.shape[0] == 1 else image
 
 
+def objective_key(cfg: ExperimentConfig, weights: InceptionWeights | None) -> str:
+    """The logged name of the objective metric, e.g. eval/fd_digits or eval/fid_unverified."""
+    objective = cfg.eval_metrics[1]
+    unverified = objective in INCEPTION_METRICS and weights is not None and not weights.verified
+    return f"eval/{objective}" + ("_unverified" if unverified else "")
+
+
 def noise_for(indices: range, shape: tuple[int, ...]) -> torch.Tensor:
     """Sample j's noise depends on j only, so the first k samples agree whatever N or batch size."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(EVAL_NOISE_SEED + j)) for j in indices])
@@ -120,10 +127,7 @@ class Evaluator:
 
     @property
     def objective_key(self) -> str:
-        """The logged name of the objective metric, e.g. eval/fd_digits or eval/fid_unverified."""
-        objective = self.cfg.eval_metrics[1]
-        unverified = objective in INCEPTION_METRICS and self.weights is not None and not self.weights.verified
-        return f"eval/{objective}" + ("_unverified" if unverified else "")
+        return objective_key(self.cfg, self.weights)
 
     @property
     def tags(self) -> dict[str, str]:

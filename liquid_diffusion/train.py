@@ -372,8 +372,11 @@ class Trainer:
         array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         self.tracker.log_image(array, key="samples", step=self.images_seen)
         metrics = {}
-        if self.evaluator is not None:
-            metrics = self.evaluator.evaluate(lambda noise: self.sample(noise, len(noise)), self.cfg.train.batch_size)
+        if self.evaluator is not None:  # one swap to the EMA weights for all N samples
+            with self.ema_weights() as model:
+                steps, precision = self.cfg.train.sample_steps, self.precision
+                metrics = self.evaluator.evaluate(lambda noise: generate(model, self.codec, noise, steps, precision,
+                                                                         len(noise)), self.cfg.train.batch_size)
         elapsed = time.perf_counter() - start
         self.eval_seconds += elapsed
         self.last_eval = metrics

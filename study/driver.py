@@ -30,8 +30,9 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from optuna.trial import TrialState
 
-from liquid_diffusion.config import INCEPTION_METRICS, ConfigError, ExperimentConfig
+from liquid_diffusion.config import ConfigError, ExperimentConfig
 from liquid_diffusion.data import open_source
+from liquid_diffusion.evaluate import objective_key
 from liquid_diffusion.train import Pruned
 
 from .plans import StudyPlan
@@ -196,7 +197,7 @@ class Driver:
             return set(plan.seeds) <= {Book.seed_of(t) for t in book.final()}
         return len(book.final()) >= plan.n_trials and not book.of_state(TrialState.WAITING)
 
-    def summarize(self, plan: StudyPlan, study: optuna.Study, finished: bool | None = None) -> dict[str, float]:
+    def summarize(self, plan: StudyPlan, study: optuna.Study) -> dict[str, float]:
         """Log the study's summary metrics to its parent run; end the parent when the study is complete."""
         book = Book(study)
         final = book.final()
@@ -212,9 +213,7 @@ class Driver:
         parent = study.user_attrs["mlflow_parent_run_id"]
         now = int(time.time() * 1000)
         self.client.log_batch(parent, metrics=[Metric(k, v, now, len(final)) for k, v in summary.items()])
-        if finished is None:
-            finished = self.complete(plan, study, book)
-        if finished:
+        if self.complete(plan, study, book):
             self.client.set_terminated(parent, "FINISHED")
         return summary
 
@@ -228,7 +227,8 @@ class Driver:
         storage's compare-and-set on the state (what ask() does inside) cannot.
         """
         storage, study_id = study._storage, study._study_id
-        taken = Book(study).seeds_taken()
+        book = Book(study)
+        taken = book.seeds_taken()
         for queued in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
             if Book.seed_of(queued) in taken:
                 continue  # queued twice by two commands that started together
@@ -238,7 +238,6 @@ class Driver:
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue
         if plan.search:
-            book = Book(study)
             attempts = len(book.final()) + len(book.of_state(TrialState.RUNNING)) + len(book.to_requeue())
             if attempts < plan.n_trials:
                 return study.ask()
@@ -276,9 +275,7 @@ class Driver:
         seed = trial.suggest_int("seed", 0, SEED_MAX) if plan.seeds is not None else plan.search_seed
         overrides = plan.search.suggest(trial) if plan.search else {}
         cfg = plan.config_for(seed, overrides)
-        objective_key = f"eval/{plan.objective}"
-        if plan.objective in INCEPTION_METRICS and self.weights and not self.weights.verified:
-            objective_key += "_unverified"
+        objective = objective_key(cfg, self.weights)
         trial.set_user_attr("worker", self.worker)
         label = f"{plan.arm.name} seed {seed}" + (f" trial {trial.number} {overrides}" if plan.search else "")
         tags = {"kind": "trial", "ablation": plan.arm.name, "dataset": plan.dataset, "seed": str(seed),
@@ -290,10 +287,10 @@ class Driver:
         self.echo(f"== {label}: {plan.arm.description}\n   run folder: {run_dir}")
 
         def report(metrics: dict[str, float], step: int) -> None:
-            if plan.search and objective_key in metrics:
-                trial.report(metrics[objective_key], step)
+            if plan.search and objective in metrics:
+                trial.report(metrics[objective], step)
                 if trial.should_prune():
-                    raise Pruned(f"pruned at {step} images: {objective_key} = {metrics[objective_key]:.6g}")
+                    raise Pruned(f"pruned at {step} images: {objective} = {metrics[objective]:.6g}")
 
         state, value = TrialState.FAIL, None
         try:
@@ -322,14 +319,14 @@ class Driver:
         if outcome.result is not None:
             trial.set_user_attr("resumed_from", outcome.result.resumed_from)
         if outcome.kind == "finished":
-            value = self.client.get_run(outcome.run_id).data.metrics.get(objective_key)
+            value = self.client.get_run(outcome.run_id).data.metrics.get(objective)
             state = TrialState.COMPLETE if value is not None and math.isfinite(value) else TrialState.FAIL
         elif outcome.kind == "pruned":
             state = TrialState.PRUNED
         study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
         self.client.set_tag(outcome.run_id, "optuna.state", state.name)
         self.failures += state == TrialState.FAIL
-        self.report_outcome(outcome, state, objective_key, value)
+        self.report_outcome(outcome, state, objective, value)
 
     def interrupted(self, plans: list[StudyPlan]) -> None:
         """Mark the parent run of each unfinished study that no other worker is running as KILLED."""

@@ -23,6 +23,19 @@ def repo() -> Path:
     return REPO
 
 
+def assert_clean_error(result, *fragments):
+    """Bad input: exit code 2 and one line on stderr that names what was wrong; never a traceback.
+
+    `result` is a CompletedProcess, or anything with `returncode` and `stderr`.
+    """
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
 def randomize_head(model: torch.nn.Module, seed: int = 0) -> None:
     """The head is zero-initialised; give it weights so outputs and gradients depend on every layer."""
     gen = torch.Generator().manual_seed(seed)

@@ -10,6 +10,8 @@ import yaml
 from study.arms import load_arms, select_arms
 from liquid_diffusion import ConfigError, ExperimentConfig
 
+from conftest import assert_clean_error
+
 REQUIRED_ARMS = {
     "baseline", "no_relax", "relax_t", "plain_conv", "no_gate", "minimal_gate",
     "time_free_gate", "mix_3", "mix_3_5", "no_global_pool", "no_adaln",
@@ -20,15 +22,6 @@ def run_cli(repo, *args):
     return subprocess.run(
         [sys.executable, str(repo / "study" / "run.py"), *args], capture_output=True, text=True, timeout=120, cwd=repo
     )
-
-
-def assert_clean_error(result, *fragments):
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_list_prints_every_arm_with_its_description(repo):

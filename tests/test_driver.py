@@ -11,6 +11,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from conftest import assert_clean_error
+
 RUN = [sys.executable, "study/run.py"]
 SMOKE = ["--budget", "cpu-smoke", "--no-progress"]
 
@@ -191,8 +193,7 @@ def test_bad_study_options_exit_2_with_one_line(repo, store, args, fragment):
     if fragment is None:
         assert result.returncode == 0, result.stderr
         return
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and fragment in result.stderr, result.stderr
+    assert_clean_error(result, fragment)
 
 
 def shared_storage_run(repo, store, storage: str, experiment: str):
