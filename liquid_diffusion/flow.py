@@ -34,5 +34,7 @@ def euler_sample(model, noise: torch.Tensor, steps: int) -> torch.Tensor:
     x = noise
     for timestep, sigma in zip(scheduler.timesteps, scheduler.sigmas):
         v = model(x, sigma.expand(x.shape[0]).to(x.dtype))
-        x = scheduler.step(v, timestep, x).prev_sample
+        # Under autocast v is fp16/bf16, and the scheduler returns its result in v's dtype: keep the
+        # integrated state in the noise's precision, or every step would round it.
+        x = scheduler.step(v.to(x.dtype), timestep, x).prev_sample
     return x

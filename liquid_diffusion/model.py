@@ -79,7 +79,9 @@ class ParallelCfC(nn.Module):
         gate = torch.sigmoid(torch.addcmul(-b, a, f))  # a * f - b
         if self.gate == "no_gate":
             return self.proj(torch.addcmul(g, gate, h))  # g + gate * h
-        return self.proj(torch.lerp(h, g, gate))  # gate * g + (1 - gate) * h, in one pass
+        # lerp does not promote: with the time_free gate's fp32 a and b under autocast, the gate is
+        # fp32 while g and h are fp16/bf16.
+        return self.proj(torch.lerp(h, g, gate.to(h.dtype)))  # gate * g + (1 - gate) * h, in one pass
 
 
 class ConvMixer(nn.Module):
@@ -139,7 +141,9 @@ class LiquidRelaxation(nn.Module):
 
     def forward(self, x: torch.Tensor, u: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
         alpha = torch.exp(-F.softplus(self.rho) * tau[:, None, None, None])
-        return torch.lerp(u, x, alpha)  # alpha * x + (1 - alpha) * u, in one pass
+        # lerp does not promote, and under autocast u (a Linear's output) is fp16/bf16 while the
+        # residual stream x and alpha are fp32: mix in the residual stream's precision.
+        return torch.lerp(u.to(x.dtype), x, alpha.to(x.dtype))  # alpha * x + (1 - alpha) * u, in one pass
 
 
 class LiquidDiffusionBlock(nn.Module):

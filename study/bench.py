@@ -102,6 +102,73 @@ def time_sampling(c: Candidate, noise: torch.Tensor, steps: int) -> float:
     return time.perf_counter() - start
 
 
+def precision_throughput(preset: str, shape: tuple[int, ...], precision: str, device: torch.device, reps: int,
+                         sample_steps: int) -> dict[str, float]:
+    """Train and sample img/s of the baseline LiquidUNet under one precision, and the peak CUDA memory.
+
+    The training step is the trainer's: autocast, and a GradScaler for fp16. Repetitions run back
+    to back after one warm-up; the median is reported.
+    """
+    from liquid_diffusion.train import autocast
+
+    torch.manual_seed(0)
+    model = LiquidUNet(ModelConfig.preset(preset, in_channels=shape[1], resolution=shape[2])).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    gen = torch.Generator().manual_seed(0)
+    x, noise = (torch.randn(shape, generator=gen).to(device) for _ in range(2))
+    t = torch.rand(shape[0], generator=gen).to(device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # kernels run asynchronously: wait before reading the clock
+
+    def train_step() -> float:
+        start = time.perf_counter()
+        with autocast(device, precision):
+            loss = rectified_flow_loss(model, x, noise, t).mean()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        return time.perf_counter() - start
+
+    def sample() -> float:
+        start = time.perf_counter()
+        with autocast(device, precision):
+            euler_sample(model, noise, sample_steps)
+        sync()
+        return time.perf_counter() - start
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    train_step(), sample()  # warm-up: allocator, oneDNN/cuDNN primitive caches
+    train_times = [train_step() for _ in range(reps)]
+    sample_times = [sample() for _ in range(reps)]
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return {"train_img_s": shape[0] / statistics.median(train_times),
+            "sample_img_s": shape[0] / statistics.median(sample_times), "peak_mem_gb": peak}
+
+
+def print_precision_table(cases: list[tuple[str, tuple[int, ...]]], precisions: list[str], device: torch.device,
+                          reps: int, sample_steps: int) -> dict[str, dict[str, float]]:
+    """fp32 against the mixed precisions for each (preset, shape), with the ratios to fp32."""
+    rows = {}
+    print(f"\nprecision on {device} (baseline LiquidUNet; ratio = img/s over fp32 img/s):")
+    print(f"{'preset':<8}{'shape':<14}{'precision':<10}{'train img/s':>12}{'ratio':>7}{'sample img/s':>14}{'ratio':>7}")
+    for preset, shape in cases:
+        case = f"{preset}-{'x'.join(map(str, shape))}"
+        for precision in precisions:
+            row = precision_throughput(preset, shape, precision, device, reps, sample_steps)
+            rows[f"{case}/{precision}"] = row
+            base = rows[f"{case}/fp32"]
+            print(f"{preset:<8}{'x'.join(map(str, shape)):<14}{precision:<10}{row['train_img_s']:>12.1f}"
+                  f"{row['train_img_s'] / base['train_img_s']:>6.2f}x{row['sample_img_s']:>14.2f}"
+                  f"{row['sample_img_s'] / base['sample_img_s']:>6.2f}x", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bench.py", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="micro preset at 4x16x16, for CI (under a minute)")
@@ -149,6 +216,10 @@ def main(argv=None) -> int:
             ratios[f"ratio/{kind}_vs_{other}"] = ratio
             mark = "" if target is None else f"  [>= {target}: {'met' if ratio >= target else 'NOT met'}]"
             print(f"  {kind:<6} vs {other:<16} {ratio:5.2f}x{mark}")
+
+    # The training shapes the profiles use: the demo's micro at 1x12x12, batch 64; tiny on SD-VAE latents, batch 8.
+    cases = [("micro", (16, 1, 12, 12))] if args.quick else [("micro", (64, 1, 12, 12)), ("tiny", (8, 4, 32, 32))]
+    print_precision_table(cases, ["fp32", "bf16"], torch.device("cpu"), args.reps, args.sample_steps)
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

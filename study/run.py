@@ -150,9 +150,11 @@ def train(args, argv: list[str], plans) -> int:
 
     from optuna.trial import TrialState
 
+    from liquid_diffusion.train import resolve_device
     from study.driver import Book, Driver
     from study.storage import default_storage_url, open_storage
 
+    resolve_device(args.device)  # --device cuda on a machine without CUDA fails here, before any storage exists
     weights = inception_weights_for([plan.base for plan in plans], args)  # fails here, before anything trains
     url = args.storage or default_storage_url(mlflow.get_tracking_uri())
     prefix = f"[worker {args.worker}] " if args.worker else ""
