@@ -37,6 +37,7 @@ from liquid_diffusion.train import Pruned
 
 from .plans import StudyPlan
 from .storage import has_heartbeat, redact
+from .tracking import set_experiment
 from .trial import run_dir_for, run_trial
 
 POLL_SECONDS = 5  # how often an idle worker looks for work while others run
@@ -48,39 +49,74 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 def root_of(trial) -> int:
     """The number of the first attempt of a trial: retries (heartbeat) and resumes (rerun) share it."""
-    return trial.user_attrs.get("root_trial", trial.system_attrs.get("failed_trial", trial.number))
+    retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+    return trial.user_attrs.get("root_trial", trial.number if retried is None else retried)
 
 
 class Book:
-    """The trials of one study, classified; the attempts of one trial (a retry, a resume) count once."""
+    """The trials of one study, classified; the attempts of one trial (a retry, a resume) count once.
+
+    Duplicates that two commands queued at the same instant, once closed (user attr duplicate_of),
+    are not trials of the study and are left out.
+    """
 
     def __init__(self, study: optuna.Study):
-        self.trials = study.get_trials(deepcopy=False)
+        self.trials = [t for t in study.get_trials(deepcopy=False) if "duplicate_of" not in t.user_attrs]
         self.latest = {root_of(t): t for t in self.trials}  # per trial: its last attempt (trials are in order)
 
     def of_state(self, *states) -> list:
         return [t for t in self.trials if t.state in states]
 
     @staticmethod
-    def resumable(trial) -> bool:
-        return trial.state == TrialState.FAIL and bool(trial.user_attrs.get("resumable"))
+    def unfinished(trial) -> bool:
+        """A failed attempt whose work goes on from its checkpoint when the command is rerun.
+
+        That is one marked resumable (interrupted, or an unexpected error), or one that carries no
+        status of ours at all: its worker died without a word, and the heartbeat or a rerun on the
+        same machine failed it. A result (over budget, non-finite loss) always carries a status.
+        """
+        return trial.state == TrialState.FAIL and (bool(trial.user_attrs.get("resumable"))
+                                                   or "status" not in trial.user_attrs)
 
     def to_requeue(self) -> list:
-        """Resumable failures (interrupted, or an unexpected error) with no later attempt: queue them again."""
-        return [t for t in self.latest.values() if self.resumable(t)]
+        """Unfinished trials with no later attempt: a rerun of the command queues them again."""
+        return [t for t in self.latest.values() if self.unfinished(t)]
 
     def final(self) -> list:
         """The finished attempt of each trial that will not be tried again."""
         done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-        return [t for t in self.latest.values() if t.state in done and not self.resumable(t)]
+        return [t for t in self.latest.values() if t.state in done and not self.unfinished(t)]
 
     @staticmethod
     def seed_of(trial) -> int | None:
-        return trial.params.get("seed", trial.system_attrs.get("fixed_params", {}).get("seed"))
+        if "seed" in trial.params:
+            return trial.params["seed"]
+        return queued_params(trial).get("seed")
 
     def seeds_taken(self) -> set[int]:
-        """Seeds that are finished or being trained: a queued duplicate of one is never claimed."""
+        """Seeds that are finished or being trained: a queued duplicate of one is never trained."""
         return {self.seed_of(t) for t in self.final() + self.of_state(TrialState.RUNNING)} - {None}
+
+
+def queued_params(trial) -> dict:
+    """The parameters a WAITING trial was queued with. Optuna keeps them in a system attribute until
+    the trial is run, and has no public accessor for a trial that is not running yet."""
+    return trial.system_attrs.get("fixed_params", {})
+
+
+def local_worker_is_dead(trial) -> bool:
+    """True if the trial's worker ran on this machine and its process is gone (SIGKILL, OOM killer, a
+    closed notebook): a rerun can take the trial over at once instead of waiting out the heartbeat."""
+    host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 @contextlib.contextmanager
@@ -156,6 +192,14 @@ class Driver:
         elif digest != plan.digest:
             raise ConfigError(f"study '{plan.name}' in {redact(self.storage_url)} was run with another config "
                               f"(digest {digest}, now {plan.digest}); use another --experiment or --storage")
+        # Dead workers' trials: those whose heartbeat stopped (RDB storages), and at once those whose
+        # process on this machine is gone (any storage, journal files included).
+        optuna.storages.fail_stale_trials(study)
+        for trial in Book(study).of_state(TrialState.RUNNING):
+            if local_worker_is_dead(trial):
+                study.tell(trial.number, state=TrialState.FAIL)
+        # Rerunning the command resumes every unfinished trial, however often it was killed; the
+        # heartbeat's own retries (RetryHeartbeatStaleTrialCallback) stay bounded within one command.
         for trial in Book(study).to_requeue():
             study.enqueue_trial(trial.params, user_attrs={"root_trial": root_of(trial)})
         for seed in plan.seeds or []:
@@ -174,7 +218,7 @@ class Driver:
                     return run_id
             except MlflowException:
                 pass  # another tracking store: make a parent there
-        experiment = mlflow.set_experiment(plan.experiment)
+        experiment = set_experiment(plan.experiment)
         mode = f"search over {plan.n_trials} trials" if plan.search else f"seeds {plan.seeds}"
         tags = {"kind": "study", "study": plan.name, "ablation": plan.arm.name, "dataset": plan.dataset,
                 "budget": plan.budget, "optuna.study_name": plan.name, "optuna.storage": redact(self.storage_url),
@@ -202,9 +246,11 @@ class Driver:
         book = Book(study)
         final = book.final()
         values = [t.value for t in final if t.state == TrialState.COMPLETE and t.value is not None]
+        unfinished = len(book.to_requeue())  # failed for now; a rerun resumes them
         summary = {"study/n_complete": len(values),
                    "study/n_pruned": sum(t.state == TrialState.PRUNED for t in final),
-                   "study/n_failed": sum(t.state == TrialState.FAIL for t in final),
+                   "study/n_failed": sum(t.state == TrialState.FAIL for t in final) + unfinished,
+                   "study/n_resumable": unfinished,
                    "study/n_over_budget": sum(t.user_attrs.get("status") == "over_budget" for t in final)}
         if values:
             best = max(values) if plan.direction == "maximize" else min(values)
@@ -230,17 +276,27 @@ class Driver:
         book = Book(study)
         taken = book.seeds_taken()
         for queued in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
-            if Book.seed_of(queued) in taken:
-                continue  # queued twice by two commands that started together
             try:
-                if storage.set_trial_state_values(queued._trial_id, state=TrialState.RUNNING):
-                    return optuna.Trial(study, queued._trial_id)
+                if not storage.set_trial_state_values(queued._trial_id, state=TrialState.RUNNING):
+                    continue
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue
+            trial = optuna.Trial(study, queued._trial_id)
+            trial.set_user_attr("worker", self.worker)  # first, so a rerun can tell whether this process died
+            seed = Book.seed_of(queued)
+            if plan.seeds is not None and seed in taken:
+                # Queued twice by two commands that started at the same instant: close the copy, so
+                # nothing is left waiting; Book leaves it out.
+                trial.set_user_attr("duplicate_of", seed)
+                study.tell(trial, state=TrialState.FAIL)
+                continue
+            return trial
         if plan.search:
             attempts = len(book.final()) + len(book.of_state(TrialState.RUNNING)) + len(book.to_requeue())
             if attempts < plan.n_trials:
-                return study.ask()
+                trial = study.ask()
+                trial.set_user_attr("worker", self.worker)
+                return trial
         return None
 
     def work(self, plans: list[StudyPlan]) -> None:
@@ -276,7 +332,6 @@ class Driver:
         overrides = plan.search.suggest(trial) if plan.search else {}
         cfg = plan.config_for(seed, overrides)
         objective = objective_key(cfg, self.weights)
-        trial.set_user_attr("worker", self.worker)
         label = f"{plan.arm.name} seed {seed}" + (f" trial {trial.number} {overrides}" if plan.search else "")
         tags = {"kind": "trial", "ablation": plan.arm.name, "dataset": plan.dataset, "seed": str(seed),
                 "budget": plan.budget, "study": plan.name, "optuna.study_name": plan.name,
@@ -327,6 +382,14 @@ class Driver:
         self.client.set_tag(outcome.run_id, "optuna.state", state.name)
         self.failures += state == TrialState.FAIL
         self.report_outcome(outcome, state, objective, value)
+
+    def close(self, plan: StudyPlan, study: optuna.Study) -> None:
+        """At the end of a command: a study left unfinished with nothing running or queued has a FAILED
+        parent run (a rerun of the command sets it RUNNING again and resumes the work)."""
+        book = Book(study)
+        parent = study.user_attrs.get("mlflow_parent_run_id")
+        if parent and not self.complete(plan, study, book) and not book.of_state(TrialState.RUNNING, TrialState.WAITING):
+            self.client.set_terminated(parent, "FAILED")
 
     def interrupted(self, plans: list[StudyPlan]) -> None:
         """Mark the parent run of each unfinished study that no other worker is running as KILLED."""

@@ -153,8 +153,14 @@ def train(args, argv: list[str], plans) -> int:
     from liquid_diffusion.train import resolve_device
     from study.driver import Book, Driver
     from study.storage import default_storage_url, open_storage
+    from study.tracking import existing_run_id, open_tracking_store
+    from study.trial import run_dir_for
 
     resolve_device(args.device)  # --device cuda on a machine without CUDA fails here, before any storage exists
+    open_tracking_store()
+    for plan in plans:  # so does a run folder left by another tracking store
+        for seed in plan.seeds or []:
+            existing_run_id(run_dir_for(args.out, plan.experiment, plan.arm.name, plan.config_for(seed, {}), plan.budget))
     weights = inception_weights_for([plan.base for plan in plans], args)  # fails here, before anything trains
     url = args.storage or default_storage_url(mlflow.get_tracking_uri())
     prefix = f"[worker {args.worker}] " if args.worker else ""
@@ -188,8 +194,12 @@ def train(args, argv: list[str], plans) -> int:
         failed += summary["study/n_failed"]
         result = (f"{plan.objective} mean {summary['study/mean']:.6g} +- {summary['study/std']:.3g}, best "
                   f"{summary['study/best']:.6g}" if "study/mean" in summary else "no completed trial")
+        resumable = summary["study/n_resumable"]
         print(f"study {plan.name}: {summary['study/n_complete']:.0f} complete, {summary['study/n_pruned']:.0f} pruned, "
-              f"{summary['study/n_failed']:.0f} failed, {len(book.of_state(TrialState.RUNNING))} running; {result}")
+              f"{summary['study/n_failed']:.0f} failed" + (f" ({resumable:.0f} resumed by rerunning this command)"
+                                                          if resumable else "")
+              + f", {len(book.of_state(TrialState.RUNNING))} running; {result}")
+        driver.close(plan, study)
     print(f"\nOptuna storage: {redact(url)}\nOpen the runs with:  mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}")
     return 1 if failed else 0
 

@@ -7,6 +7,8 @@ retry resumes from the run's checkpoint. Journal files have no heartbeat in Optu
 
 from __future__ import annotations
 
+import random
+import time
 import warnings
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
@@ -14,6 +16,7 @@ from urllib.parse import urlparse, urlunparse
 from liquid_diffusion.config import ConfigError
 
 HEARTBEAT_SECONDS = 60
+CREATE_ATTEMPTS = 5
 JOURNAL_PREFIX = "journal:"
 
 
@@ -50,18 +53,32 @@ def open_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS):
     if "://" not in url:
         raise ConfigError(f"--storage {url!r} is not valid; expected an SQLAlchemy URL (sqlite:///optuna.db, "
                           f"postgresql://user:password@host/db) or a journal file (journal:PATH or PATH.log)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeat_interval is marked experimental
-            return optuna.storages.RDBStorage(
-                url, heartbeat_interval=heartbeat_seconds, grace_period=2 * heartbeat_seconds,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
-                # SQLite: wait for another worker's write lock instead of failing at once
-                engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True},
-            )
-    except Exception as err:  # SQLAlchemy and its drivers raise many kinds: name it and move on
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise ConfigError(f"--storage {redact(url)}: cannot open it ({type(err).__name__}: {detail[:200]})") from None
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    for attempt in range(CREATE_ATTEMPTS):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeat_interval is marked experimental
+                return optuna.storages.RDBStorage(
+                    url, heartbeat_interval=heartbeat_seconds, grace_period=2 * heartbeat_seconds,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+                    # SQLite: wait for another worker's write lock instead of failing at once
+                    engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True},
+                )
+        except (IntegrityError, ProgrammingError, OperationalError) as err:
+            # Commands started at the same instant on a fresh storage all create its tables; the
+            # losers hit the winner's rows (alembic_version) or tables. By the next try they exist.
+            racing = not isinstance(err, OperationalError) or "already exists" in str(err) or "locked" in str(err)
+            if not racing or attempt + 1 == CREATE_ATTEMPTS:
+                raise ConfigError(f"--storage {redact(url)}: cannot open it ({_first_line(err)})") from None
+            time.sleep(0.2 + random.random())
+        except Exception as err:  # SQLAlchemy and its drivers raise many kinds: name it and move on
+            raise ConfigError(f"--storage {redact(url)}: cannot open it ({_first_line(err)})") from None
+
+
+def _first_line(err: Exception) -> str:
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {detail[:200]}"
 
 
 def has_heartbeat(storage) -> bool:

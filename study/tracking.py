@@ -3,20 +3,26 @@
 FINISHED on success; FAILED with tags `status` and `reason` when training stopped early (over
 budget, non-finite loss); KILLED with tags `status=pruned` and `optuna.state=PRUNED` when a study's
 pruner stopped it; FAILED with tag `error` on any other exception; KILLED on SIGINT or SIGTERM.
-A run folder remembers its MLflow run, so a rerun of the same command continues it.
+A run folder remembers its MLflow run, so a rerun of the same command continues it; a folder whose
+run lives in another tracking store is refused, since its checkpoints' history is not in this one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
+import random
 import signal
+import time
 from pathlib import Path
 
 import mlflow
 import numpy as np
 from mlflow.exceptions import MlflowException
 
+from liquid_diffusion.config import ConfigError
 from liquid_diffusion.train import NonFiniteLoss, OverBudget, Pruned, TrainingStopped
 
 DEFAULT_EXPERIMENT = "liquid-diffusion"
@@ -24,18 +30,34 @@ MARKER = "mlflow_run.json"
 
 
 class MLflowTracker:
-    """Logs to the active run; `report(metrics, step)` sees every logged dict too (a study's pruning hook)."""
+    """Logs to the active run; `report(metrics, step)` sees every logged dict too (a study's pruning hook).
 
-    def __init__(self, report=None):
+    `logged` maps a metric key to the last step the run already holds (see logged_steps). A resumed
+    run replays the steps between its checkpoint and the kill; those points are not logged twice.
+    """
+
+    def __init__(self, report=None, logged: dict[str, int] | None = None):
         self.report = report
+        self.logged = logged or {}
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        mlflow.log_metrics(metrics, step=step)
+        new = {key: value for key, value in metrics.items() if step > self.logged.get(key, -1)}
+        if new:
+            mlflow.log_metrics(new, step=step)
         if self.report is not None:
             self.report(metrics, step)
 
     def log_image(self, image: np.ndarray, key: str, step: int) -> None:
-        mlflow.log_image(image, key=key, step=step)
+        # A grid is logged just before its evaluation's metrics, which end with eval/seconds.
+        if step > self.logged.get("eval/seconds", -1):
+            mlflow.log_image(image, key=key, step=step)
+
+
+def logged_steps(run_id: str) -> dict[str, int]:
+    """The last logged step of each metric of a run (MLflow keeps only the latest value per key in the run)."""
+    client = mlflow.MlflowClient()
+    keys = [key for key in client.get_run(run_id).data.metrics if not key.startswith("system/")]
+    return {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in keys}
 
 
 @contextlib.contextmanager
@@ -57,6 +79,40 @@ def stop_kind(err: TrainingStopped) -> str:
     return next((kind for cls, kind in kinds.items() if isinstance(err, cls)), "stopped")
 
 
+STORE_ATTEMPTS = 6
+
+
+def open_tracking_store() -> None:
+    """Make sure the tracking store exists and is migrated, retrying while another command creates it.
+
+    Commands started at the same instant on a fresh sqlite store all run MLflow's migrations; the
+    losers fail on the winner's alembic_version row. Once the winner is done the store is ready.
+    """
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
+    for attempt in range(STORE_ATTEMPTS):
+        try:
+            mlflow.MlflowClient().search_experiments(max_results=1)
+            return
+        except Exception as err:  # alembic, SQLAlchemy and MLflow raise many kinds while the store is half made
+            if attempt + 1 == STORE_ATTEMPTS:
+                detail = str(err).strip().splitlines()[-1][:200] if str(err).strip() else ""
+                raise ConfigError(f"tracking store {mlflow.get_tracking_uri()}: cannot open it "
+                                  f"({type(err).__name__}: {detail})") from None
+            time.sleep(0.5 + random.random())
+
+
+def set_experiment(name: str):
+    """mlflow.set_experiment, which another command may be creating at the same instant."""
+    try:
+        return mlflow.set_experiment(name)
+    except MlflowException:  # RESOURCE_ALREADY_EXISTS: the other command won; now it exists
+        return mlflow.set_experiment(name)
+
+
+class StaleRunFolder(ConfigError):
+    """A run folder belongs to an MLflow run that the current tracking store does not have."""
+
+
 def read_marker(run_dir: Path) -> dict:
     path = Path(run_dir) / MARKER
     return json.loads(path.read_text()) if path.exists() else {}
@@ -64,26 +120,39 @@ def read_marker(run_dir: Path) -> dict:
 
 def _write_marker(run_dir: Path, run_id: str, status: str) -> None:
     path = Path(run_dir) / MARKER
-    path.write_text(json.dumps({"run_id": run_id, "status": status, "tracking_uri": mlflow.get_tracking_uri()}))
+    partial = path.with_name(f".{MARKER}.{os.getpid()}")  # a kill mid-write must not leave half a marker
+    partial.write_text(json.dumps({"run_id": run_id, "status": status, "tracking_uri": mlflow.get_tracking_uri()}))
+    os.replace(partial, path)
 
 
-def _existing_run_id(run_dir: Path) -> str | None:
-    run_id = read_marker(run_dir).get("run_id")
+def existing_run_id(run_dir: Path) -> str | None:
+    """The MLflow run that `run_dir` belongs to, or None for a new folder.
+
+    StaleRunFolder when the folder remembers a run the current store does not hold (the store was
+    replaced, or MLFLOW_TRACKING_URI points elsewhere): continuing its checkpoints in a new run would
+    log a history that starts in the middle, so the user must move the folder or choose another --out.
+    """
+    marker = read_marker(run_dir)
+    run_id = marker.get("run_id")
     if not run_id:
         return None
     try:
         mlflow.get_run(run_id)
         return run_id
-    except MlflowException:  # the tracking store changed since; start a new run
-        return None
+    except MlflowException:
+        raise StaleRunFolder(
+            f"run folder {run_dir} belongs to MLflow run {run_id} of another tracking store "
+            f"({marker.get('tracking_uri', 'unknown')}), not {mlflow.get_tracking_uri()}; move or delete the folder, "
+            f"or pass another --out"
+        ) from None
 
 
 @contextlib.contextmanager
 def tracked_run(run_dir: Path, experiment: str, run_name: str, tags: dict[str, str], params: dict,
                 parent_run_id: str | None = None):
     """An MLflow run for `run_dir`, new or continued; its status on exit follows the module docstring."""
-    mlflow.set_experiment(experiment)
-    run_id = _existing_run_id(run_dir)
+    run_id = existing_run_id(run_dir)
+    set_experiment(experiment)
     run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags, log_system_metrics=True,
                            parent_run_id=None if run_id else parent_run_id)
     resumed, run_id = run_id is not None, run.info.run_id

@@ -18,7 +18,7 @@ from liquid_diffusion.inception import InceptionWeights
 from liquid_diffusion.latent_cache import load_or_encode
 from liquid_diffusion.train import Trainer, TrainingStopped, TrainResult, resolve_device
 
-from .tracking import DEFAULT_EXPERIMENT, MLflowTracker, read_marker, stop_kind, tracked_run
+from .tracking import DEFAULT_EXPERIMENT, MLflowTracker, existing_run_id, logged_steps, read_marker, stop_kind, tracked_run
 
 
 @dataclass
@@ -67,9 +67,8 @@ def run_trial(cfg: ExperimentConfig, tags: dict[str, str], run_dir: Path, experi
     sees every logged metric dict and may raise Pruned. `source` is cfg.data's ImageSource if already open.
     """
     run_dir = Path(run_dir)
-    marker = read_marker(run_dir)
-    if marker.get("status") == "FINISHED":
-        return TrialOutcome("FINISHED", marker["run_id"], run_dir, reason="already finished; nothing to do")
+    if existing_run_id(run_dir) and read_marker(run_dir).get("status") == "FINISHED":  # StaleRunFolder first
+        return TrialOutcome("FINISHED", read_marker(run_dir)["run_id"], run_dir, reason="already finished; nothing to do")
 
     source = source or open_source(cfg.data)
     codec = load_codec(cfg.data.codec, cfg.data.codec_weights).to(resolve_device(device))
@@ -81,9 +80,10 @@ def run_trial(cfg: ExperimentConfig, tags: dict[str, str], run_dir: Path, experi
     run_name = f"{tags.get('ablation', 'run')}-seed{cfg.train.seed}"
     try:
         with tracked_run(run_dir, experiment, run_name, tags, cfg.flat(), parent_run_id) as run:
+            tracker = MLflowTracker(report, logged_steps(run.info.run_id))  # a resumed run logs each step once
             mlflow.log_dict(cfg.to_dict(), "config.yaml")
-            mlflow.log_metrics({"data/images": len(latents), "data/skipped": source.skipped}, step=0)
-            trainer = Trainer(cfg, latents, codec, run_dir, tracker=MLflowTracker(report), device=device, progress=progress,
+            tracker.log_metrics({"data/images": len(latents), "data/skipped": source.skipped}, step=0)
+            trainer = Trainer(cfg, latents, codec, run_dir, tracker=tracker, device=device, progress=progress,
                               evaluator=evaluator, compile=compile)
             mlflow.set_tags({"device": str(trainer.device), "precision": trainer.precision, "compile": str(compile).lower(),
                              **provenance()})
