@@ -70,13 +70,14 @@ def open_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS):
             # losers hit the winner's rows (alembic_version) or tables. By the next try they exist.
             racing = not isinstance(err, OperationalError) or "already exists" in str(err) or "locked" in str(err)
             if not racing or attempt + 1 == CREATE_ATTEMPTS:
-                raise ConfigError(f"--storage {redact(url)}: cannot open it ({_first_line(err)})") from None
+                raise ConfigError(f"--storage {redact(url)}: cannot open it ({one_line_reason(err)})") from None
             time.sleep(0.2 + random.random())
         except Exception as err:  # SQLAlchemy and its drivers raise many kinds: name it and move on
-            raise ConfigError(f"--storage {redact(url)}: cannot open it ({_first_line(err)})") from None
+            raise ConfigError(f"--storage {redact(url)}: cannot open it ({one_line_reason(err)})") from None
 
 
-def _first_line(err: Exception) -> str:
+def one_line_reason(err: Exception) -> str:
+    """`Type: first line of the message`, for one-line errors about a store that cannot be opened."""
     detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
     return f"{type(err).__name__}: {detail[:200]}"
 

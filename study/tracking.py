@@ -25,6 +25,8 @@ from mlflow.exceptions import MlflowException
 from liquid_diffusion.config import ConfigError
 from liquid_diffusion.train import NonFiniteLoss, OverBudget, Pruned, TrainingStopped
 
+from .storage import one_line_reason
+
 DEFAULT_EXPERIMENT = "liquid-diffusion"
 MARKER = "mlflow_run.json"
 
@@ -95,9 +97,8 @@ def open_tracking_store() -> None:
             return
         except Exception as err:  # alembic, SQLAlchemy and MLflow raise many kinds while the store is half made
             if attempt + 1 == STORE_ATTEMPTS:
-                detail = str(err).strip().splitlines()[-1][:200] if str(err).strip() else ""
                 raise ConfigError(f"tracking store {mlflow.get_tracking_uri()}: cannot open it "
-                                  f"({type(err).__name__}: {detail})") from None
+                                  f"({one_line_reason(err)})") from None
             time.sleep(0.5 + random.random())
 
 
