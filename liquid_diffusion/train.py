@@ -76,7 +76,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """`auto` is bf16 on GPUs that have it, fp16 on older GPUs (a T4), and fp32 on the CPU.
 
     On the CPU, `auto` stays fp32 even where the CPU has native bf16 (avx512_bf16, AMX): measured on
-    such a CPU, bf16 autocast made the micro step 0.57x and the tiny step 0.90x as fast as fp32
+    such a CPU, bf16 autocast made the micro step 0.57-0.86x and the tiny step 0.90-0.97x as fast as fp32
     (README, Performance). fp16 on the CPU is allowed because it runs the T4's code path (fp16
     autocast and a GradScaler) where no GPU is at hand, but it is many times slower than fp32 there.
     """
