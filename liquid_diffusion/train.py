@@ -77,7 +77,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
     On the CPU, `auto` stays fp32 even where the CPU has native bf16 (avx512_bf16, AMX): measured on
     such a CPU, bf16 autocast made the micro step 0.57-0.86x and the tiny step 0.90-0.97x as fast as fp32
-    (README, Performance). fp16 on the CPU is allowed because it runs the T4's code path (fp16
+    (README, Mixed precision). fp16 on the CPU is allowed because it runs the T4's code path (fp16
     autocast and a GradScaler) where no GPU is at hand, but it is many times slower than fp32 there.
     """
     if precision == "auto":
@@ -182,7 +182,7 @@ class Trainer:
         tc = cfg.train
         self.device = resolve_device(device)
         self.precision = resolve_precision(tc.precision, self.device)
-        self.vram_fraction = apply_vram_cap(self.device, tc.vram_cap_gb)
+        apply_vram_cap(self.device, tc.vram_cap_gb)
 
         torch.manual_seed(tc.seed)
         self.model = LiquidUNet(cfg.model).to(self.device)

@@ -67,8 +67,9 @@ def run_trial(cfg: ExperimentConfig, tags: dict[str, str], run_dir: Path, experi
     sees every logged metric dict and may raise Pruned. `source` is cfg.data's ImageSource if already open.
     """
     run_dir = Path(run_dir)
-    if existing_run_id(run_dir) and read_marker(run_dir).get("status") == "FINISHED":  # StaleRunFolder first
-        return TrialOutcome("FINISHED", read_marker(run_dir)["run_id"], run_dir, reason="already finished; nothing to do")
+    run_id = existing_run_id(run_dir)  # StaleRunFolder when the folder's run lives in another tracking store
+    if run_id and read_marker(run_dir).get("status") == "FINISHED":
+        return TrialOutcome("FINISHED", run_id, run_dir, reason="already finished; nothing to do")
 
     source = source or open_source(cfg.data)
     codec = load_codec(cfg.data.codec, cfg.data.codec_weights).to(resolve_device(device))
