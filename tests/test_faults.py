@@ -159,7 +159,9 @@ def test_three_commands_started_at_the_same_instant_train_each_seed_once(repo, t
         url, experiment = f"sqlite:///{tmp_path / 'optuna.db'}", "race"
     env = environment(repo, tmp_path)
     args = ["--ablation", "baseline,no_relax", "--seeds", "2", "--budget", "cpu-smoke", "--experiment", experiment,
-            "--out", str(tmp_path / "o"), "--no-progress", "--storage", url, "--heartbeat-seconds", "2"]
+            "--out", str(tmp_path / "o"), "--no-progress", "--storage", url, "--heartbeat-seconds", "10"]
+    # Nothing is killed here: a long heartbeat keeps three loaded processes from failing each other's
+    # live trials as stale, which would train a seed twice for a reason other than the race under test.
     commands = [subprocess.Popen([*RUN, *args], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True) for _ in range(3)]
     results = [(c.wait(timeout=600), *c.communicate()) for c in commands]
