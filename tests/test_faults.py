@@ -13,11 +13,11 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-import yaml
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from conftest import assert_clean_error
+from conftest import REPO, assert_clean_error
+from test_driver import long_smoke_budget  # cpu-smoke with 100 steps and a checkpoint every 2
 
 RUN = [sys.executable, "study/run.py"]
 FAIL, COMPLETE = optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE
@@ -28,19 +28,8 @@ def environment(repo, tmp_path, store="mlflow.db"):
             "LIQUID_DIFFUSION_CACHE": str(repo / ".pytest_cache" / "liquid-cache"), "OMP_NUM_THREADS": "1"}
 
 
-def long_smoke(tmp_path) -> Path:
-    """cpu-smoke with 100 steps and a checkpoint every 2: a kill can land anywhere, checkpoint writes included."""
-    budgets = yaml.safe_load((Path(__file__).parent.parent / "study" / "budgets.yaml").read_text())
-    smoke = budgets["cpu-smoke"]
-    smoke["overrides"].update({"train.images": 1600, "train.checkpoint_every_images": 32,
-                               "train.eval_every_images": 800, "train.log_every_steps": 5})
-    path = tmp_path / "budgets.yaml"
-    path.write_text(yaml.safe_dump({"cpu-smoke": smoke}))
-    return path
-
-
 def args_for(tmp_path, out, experiment, *extra):
-    return ["--ablation", "baseline", "--budget", "cpu-smoke", "--budgets-file", str(long_smoke(tmp_path)),
+    return ["--ablation", "baseline", "--budget", "cpu-smoke", "--budgets-file", long_smoke_budget(REPO, tmp_path),
             "--experiment", experiment, "--out", str(out), "--no-progress", "--heartbeat-seconds", "1", *extra]
 
 
