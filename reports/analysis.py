@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
 from scipy import stats
+from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.power import TTestIndPower, TTestPower
 
 from liquid_diffusion.config import METRICS
 
-CONFIDENCE = 0.95
+CONFIDENCE = 0.95  # of every interval, and 1 - alpha of every test
+POWER = 0.8  # of the minimum detectable effect
+BOOTSTRAP_RESAMPLES = 2000
+REPLICATION_RHO = 0.8  # below it, the ranking of the arms at this budget is called mostly noise
 
 
 def outcome(row) -> str:
@@ -33,15 +39,73 @@ def lower_is_better(objective: str) -> bool:
     return not METRICS.get(name, False)
 
 
-def welch_ci(a: np.ndarray, b: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """CI of mean(a) - mean(b) with Welch's unequal-variance t interval."""
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    diff, se = a.mean() - b.mean(), math.sqrt(va + vb)
-    if se == 0:
-        return diff, diff
-    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    half = stats.t.ppf(0.5 + confidence / 2, df) * se
-    return diff - half, diff + half
+def probability_of_improvement(arm: np.ndarray, base: np.ndarray, lower_better: bool, axis: int = -1):
+    """P(a run of the arm beats a run of the baseline), over all pairs of runs, ties counting half.
+
+    rliable's "probability of improvement", i.e. the Mann-Whitney U over the pair count. Written out
+    in numpy rather than calling mannwhitneyu so that the bootstrap evaluates every resample at once.
+    """
+    a = np.moveaxis(arm, axis, -1)[..., :, None]
+    b = np.moveaxis(base, axis, -1)[..., None, :]
+    wins = (a < b) if lower_better else (a > b)
+    return (wins + 0.5 * (a == b)).mean(axis=(-2, -1))
+
+
+def compare(arm: pd.Series, base: pd.Series, lower_better: bool, rng_seed: int = 0) -> dict:
+    """An arm against the baseline, each a Series of final values indexed by seed.
+
+    The same seed gives both the same data order, t and noise draws and sample noise, so seeds in
+    common are pairs: the paired t-test is the primary comparison, and Welch's unpaired interval is
+    kept beside it to show what the pairing buys. Without two pairs the Welch test stands in.
+    The p-value is adjusted for the other arms afterwards (Holm, in summarize).
+    """
+    a, b = arm.to_numpy(float), base.to_numpy(float)
+    out = {"delta": a.mean() - b.mean(), "n_pairs": 0, "paired_delta": np.nan, "paired_ci_low": np.nan,
+           "paired_ci_high": np.nan, "welch_ci_low": np.nan, "welch_ci_high": np.nan, "test": "", "p": np.nan,
+           "mde": np.nan, "p_improvement": np.nan, "p_improvement_ci_low": np.nan, "p_improvement_ci_high": np.nan,
+           "note": ""}
+    if len(a) < 2 or len(b) < 2:
+        out["note"] = "one seed: no CI" if min(len(a), len(b)) == 1 else "no seeds"
+        return out
+    with np.errstate(all="ignore"), warnings.catch_warnings():  # zero spread: a degenerate interval, shown as is
+        warnings.simplefilter("ignore", RuntimeWarning)
+        welch = stats.ttest_ind(a, b, equal_var=False)
+        ci = welch.confidence_interval(CONFIDENCE)
+        out.update(welch_ci_low=ci.low, welch_ci_high=ci.high, test="Welch t", p=welch.pvalue)
+        pooled_sd = math.sqrt(((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / (len(a) + len(b) - 2))
+        effect = TTestIndPower().solve_power(nobs1=len(a), ratio=len(b) / len(a), alpha=1 - CONFIDENCE, power=POWER)
+        out["mde"] = effect * pooled_sd
+        pairs = arm.index.intersection(base.index)
+        if len(pairs) >= 2:
+            pa, pb = arm[pairs].to_numpy(float), base[pairs].to_numpy(float)
+            paired = stats.ttest_rel(pa, pb)
+            ci = paired.confidence_interval(CONFIDENCE)
+            out.update(n_pairs=len(pairs), paired_delta=(pa - pb).mean(), paired_ci_low=ci.low, paired_ci_high=ci.high,
+                       test="paired t", p=paired.pvalue)
+            effect = TTestPower().solve_power(nobs=len(pairs), alpha=1 - CONFIDENCE, power=POWER)
+            out["mde"] = effect * (pa - pb).std(ddof=1)
+        else:
+            out["note"] = "no seeds in common with the baseline: unpaired only"
+    out["p_improvement"] = float(probability_of_improvement(a, b, lower_better))
+    boot = stats.bootstrap((a, b), lambda x, y, axis: probability_of_improvement(x, y, lower_better, axis),
+                           n_resamples=BOOTSTRAP_RESAMPLES, confidence_level=CONFIDENCE, method="percentile",
+                           random_state=np.random.default_rng(rng_seed))
+    out.update(p_improvement_ci_low=boot.confidence_interval.low, p_improvement_ci_high=boot.confidence_interval.high)
+    return out
+
+
+def replication(summary: pd.DataFrame, values: dict[str, pd.Series]) -> float:
+    """Spearman's rho between the arms' means over two disjoint halves of the seeds (lower and upper half
+    of each arm's sorted seeds); NaN with fewer than 3 arms of at least 2 seeds."""
+    halves = []
+    for arm, v in values.items():
+        if len(v) >= 2:
+            v = v.sort_index()
+            halves.append((v.iloc[: len(v) // 2].mean(), v.iloc[len(v) // 2:].mean()))
+    if len(halves) < 3:
+        return np.nan
+    first, second = zip(*halves)
+    return float(stats.spearmanr(first, second).statistic)
 
 
 def final_step(histories: pd.DataFrame) -> pd.Series:
@@ -50,36 +114,39 @@ def final_step(histories: pd.DataFrame) -> pd.Series:
     return loss.groupby("run_id")["step"].max()
 
 
-def summarize(runs: pd.DataFrame, histories: pd.DataFrame, baseline: str) -> pd.DataFrame:
-    """One row per (dataset, arm): seeds, objective mean/std, delta to `baseline` with its CI, costs, run ids."""
+def final_values(done: pd.DataFrame, objective: str) -> dict[str, pd.Series]:
+    """arm -> the final objective of each completed run, indexed by seed."""
+    column = f"metric:{objective}"
+    if column not in done:
+        return {}
+    return {arm: group.dropna(subset=[column]).groupby("seed")[column].last() for arm, group in done.groupby("arm")}
+
+
+def summarize(runs: pd.DataFrame, histories: pd.DataFrame, baseline: str) -> tuple[pd.DataFrame, dict[str, float]]:
+    """One row per (dataset, arm): seeds, objective mean/std, the comparison with `baseline`, costs, run ids;
+    and per dataset the replication rho of the arms' ranking."""
     runs = runs.assign(outcome=runs.apply(outcome, axis=1))
     steps = final_step(histories)
-    rows = []
+    rows, rho = [], {}
     for dataset, data_runs in runs.groupby("dataset", sort=True):
         objective = objective_of(data_runs)
-        done = data_runs[data_runs["outcome"] == "complete"]
-        values = {arm: group[f"metric:{objective}"].dropna().to_numpy(float) if f"metric:{objective}" in group else
-                  np.array([]) for arm, group in done.groupby("arm")}
-        base = values.get(baseline, np.array([]))
+        lower_better = lower_is_better(objective)
+        values = final_values(data_runs[data_runs["outcome"] == "complete"], objective)
+        base = values.get(baseline, pd.Series(dtype=float))
+        dataset_rows = []
         for arm, group in data_runs.groupby("arm", sort=True):
             complete = group[group["outcome"] == "complete"]
-            v = values.get(arm, np.array([]))
+            v = values.get(arm, pd.Series(dtype=float))
             row = {"dataset": dataset, "arm": arm, "objective": objective, "n_seeds": len(v),
                    "mean": v.mean() if len(v) else np.nan, "std": v.std(ddof=1) if len(v) > 1 else np.nan,
-                   "delta": np.nan, "delta_ci_low": np.nan, "delta_ci_high": np.nan, "delta_rel_pct": np.nan,
-                   "ci_excludes_zero": False, "note": ""}
-            if arm != baseline and len(v) and len(base):
-                row["delta"] = v.mean() - base.mean()
-                row["delta_rel_pct"] = 100 * row["delta"] / abs(base.mean()) if base.mean() else np.nan
-                if len(v) > 1 and len(base) > 1:
-                    low, high = welch_ci(v, base)
-                    row.update(delta_ci_low=low, delta_ci_high=high, ci_excludes_zero=bool(low > 0 or high < 0))
-                else:
-                    row["note"] = "one seed: no CI"
-            elif arm != baseline and len(v):
-                row["note"] = f"no completed '{baseline}' runs to compare with"
-            elif not len(v):
+                   "values": " ".join(f"{seed:g}:{value:.6g}" for seed, value in v.items())}
+            comparison = compare(v, base, lower_better) if arm != baseline and len(v) and len(base) else {}
+            row.update(comparison)
+            row["delta_rel_pct"] = 100 * row["delta"] / abs(base.mean()) if comparison and base.mean() else np.nan
+            if not len(v):
                 row["note"] = "no completed run with the objective"
+            elif arm != baseline and not len(base):
+                row["note"] = f"no completed '{baseline}' runs to compare with"
             row.update({
                 "params": pd.to_numeric(group["param:model.parameters"], errors="coerce").max(),
                 "img_per_s": complete.get("metric:train/img_per_s", pd.Series(dtype=float)).mean(),
@@ -93,35 +160,60 @@ def summarize(runs: pd.DataFrame, histories: pd.DataFrame, baseline: str) -> pd.
                 "precision": ", ".join(sorted(group["tag:precision"].dropna().unique())),
                 "run_ids": " ".join(group["run_id"]),
             })
-            rows.append(row)
-    return pd.DataFrame(rows)
+            dataset_rows.append(row)
+        frame = pd.DataFrame(dataset_rows)
+        frame["p_holm"], frame["significant"] = np.nan, False
+        tested = frame["p"].notna() if "p" in frame else pd.Series(False, index=frame.index)
+        if tested.any():  # Holm over this dataset's arm-vs-baseline comparisons
+            reject, adjusted, _, _ = multipletests(frame.loc[tested, "p"], alpha=1 - CONFIDENCE, method="holm")
+            frame.loc[tested, "p_holm"], frame.loc[tested, "significant"] = adjusted, reject
+        rows.append(frame)
+        rho[dataset] = replication(frame, values)
+    summary = pd.concat(rows, ignore_index=True)
+    first = ["dataset", "arm", "objective", "n_seeds", "mean", "std", "delta", "delta_rel_pct", "n_pairs",
+             "paired_delta", "paired_ci_low", "paired_ci_high", "welch_ci_low", "welch_ci_high", "test", "p", "p_holm",
+             "significant", "p_improvement", "p_improvement_ci_low", "p_improvement_ci_high", "mde", "note", "values"]
+    summary = summary.reindex(columns=first + [c for c in summary.columns if c not in first])
+    return summary, rho
 
 
 def _pct(x: float) -> str:
     return f"{x:+.1f}%"
 
 
-def findings(summary: pd.DataFrame, baseline: str) -> list[str]:
-    """One cautious sentence per arm against the baseline."""
+def findings(summary: pd.DataFrame, baseline: str, rho: dict[str, float]) -> list[str]:
+    """One cautious sentence per arm against the baseline, and one on whether the ranking replicates."""
     out = []
     for _, row in summary[summary["arm"] != baseline].iterrows():
         metric = row["objective"].split("/")[-1]
         better = "lower" if lower_is_better(row["objective"]) else "higher"
-        if np.isnan(row["delta"]):
-            out.append(f"{row['arm']} ({row['dataset']}): not compared; {row['note']}.")
+        name = f"{row['arm']} ({row['dataset']})"
+        if np.isnan(row.get("delta", np.nan)):
+            out.append(f"{name}: not compared; {row['note']}.")
             continue
         seeds = f"{row['n_seeds']} seed{'s' if row['n_seeds'] != 1 else ''}"
-        change = f"{metric} {_pct(row['delta_rel_pct'])} vs {baseline}"
-        if np.isnan(row["delta_ci_low"]):
-            out.append(f"{row['arm']} ({row['dataset']}): {change}, {seeds}, no confidence interval with one seed; "
-                       f"anecdotal ({better} is better).")
-        elif row["ci_excludes_zero"]:
-            base = row["mean"] - row["delta"]
-            ci = f"{_pct(100 * row['delta_ci_low'] / abs(base))} … {_pct(100 * row['delta_ci_high'] / abs(base))}"
-            out.append(f"{row['arm']} ({row['dataset']}): {change} (95% CI {ci}), {seeds} ({better} is better).")
+        change = f"{metric} {row['delta']:+.3g} ({_pct(row['delta_rel_pct'])}) vs {baseline}"
+        if np.isnan(row["p"]):
+            out.append(f"{name}: {change}, {seeds}; no test ({row['note']}): anecdotal ({better} is better).")
+            continue
+        paired = row["test"] == "paired t"
+        low, high = (row["paired_ci_low"], row["paired_ci_high"]) if paired else (row["welch_ci_low"], row["welch_ci_high"])
+        interval = f"{row['test']} 95% CI [{low:+.3g}, {high:+.3g}], Holm p = {row['p_holm']:.2g}"
+        if row["significant"]:
+            verdict = "better" if (row["delta"] < 0) == (better == "lower") else "worse"
+            out.append(f"{name}: {verdict} than {baseline}: {change} ({interval}), {seeds}; P(improvement) = "
+                       f"{row['p_improvement']:.2f} [{row['p_improvement_ci_low']:.2f}, "
+                       f"{row['p_improvement_ci_high']:.2f}] ({better} is better).")
         else:
-            base = row["mean"] - row["delta"]
-            ci = f"{_pct(100 * row['delta_ci_low'] / abs(base))} … {_pct(100 * row['delta_ci_high'] / abs(base))}"
-            out.append(f"{row['arm']} ({row['dataset']}): {change}, but the 95% CI ({ci}) includes 0: no clear "
-                       f"difference at {seeds}.")
+            out.append(f"{name}: no clear difference at {seeds}: {change} ({interval}); the smallest difference these "
+                       f"seeds could detect (80% power) is {row['mde']:.3g}.")
+    for dataset, r in rho.items():
+        if np.isnan(r):
+            out.append(f"Replication ({dataset}): too few arms with two or more seeds to compare two halves of them.")
+        elif r < REPLICATION_RHO:
+            out.append(f"Replication ({dataset}): the arms' ranking over one half of the seeds against the other has "
+                       f"Spearman rho = {r:.2f} (< {REPLICATION_RHO}): at this budget the ranking is mostly noise.")
+        else:
+            out.append(f"Replication ({dataset}): the arms' ranking over one half of the seeds against the other has "
+                       f"Spearman rho = {r:.2f}: it replicates.")
     return out

@@ -41,15 +41,27 @@ def _links(run_ids: str, uri: str, experiment_id: str) -> str:
     return " ".join(f"<code title='{i}'>{i[:8]}</code>" for i in ids)
 
 
-def _fmt_delta(row) -> str:
-    if row["delta"] != row["delta"]:  # NaN
-        return row["note"] or "—"
-    text = f"{row['delta']:+.4g} ({row['delta_rel_pct']:+.1f}%)"
-    if row["delta_ci_low"] == row["delta_ci_low"]:
-        text += f" [{row['delta_ci_low']:+.4g}, {row['delta_ci_high']:+.4g}]" + (" *" if row["ci_excludes_zero"] else "")
-    else:
-        text += f" ({row['note']})"
-    return text
+def _interval(low: float, high: float) -> str:
+    return "—" if low != low else f"[{low:+.3g}, {high:+.3g}]"  # low != low: NaN
+
+
+def _comparison_columns(rows, baseline: str) -> dict[str, list[str]]:
+    """The arm-vs-baseline columns of the results table, as text; '*' marks what survives Holm's correction."""
+    def delta(row):
+        if row["delta"] != row["delta"]:
+            return row["note"] or "—"
+        return f"{row['delta']:+.3g} ({row['delta_rel_pct']:+.1f}%)" + (" *" if row["significant"] else "")
+
+    return {
+        f"Δ vs {baseline}": [delta(r) for _, r in rows.iterrows()],
+        "paired 95% CI": [_interval(lo, hi) for lo, hi in zip(rows["paired_ci_low"], rows["paired_ci_high"])],
+        "Welch 95% CI": [_interval(lo, hi) for lo, hi in zip(rows["welch_ci_low"], rows["welch_ci_high"])],
+        "Holm p": [f"{p:.2g}" if p == p else "—" for p in rows["p_holm"]],
+        "P(improvement) [95% CI]": [f"{p:.2f} [{lo:.2f}, {hi:.2f}]" if p == p else "—" for p, lo, hi in
+                                    zip(rows["p_improvement"], rows["p_improvement_ci_low"],
+                                        rows["p_improvement_ci_high"])],
+        "MDE (80%)": [f"{m:.3g}" if m == m else "—" for m in rows["mde"]],
+    }
 
 
 def build(experiment: str, out: Path, baseline: str) -> dict:
@@ -58,7 +70,7 @@ def build(experiment: str, out: Path, baseline: str) -> dict:
 
     from reports.analysis import findings, outcome, summarize
     from reports.collect import collect, last_sample_grid
-    from reports.figures import curves, loss_per_t_bin, sample_grids
+    from reports.figures import curves, forest, loss_per_t_bin, sample_grids, seed_points
     from reports.render import Section, write_html, write_pdf
 
     started = time.perf_counter()
@@ -67,7 +79,7 @@ def build(experiment: str, out: Path, baseline: str) -> dict:
     arms = sorted(runs["arm"].unique())
     if baseline not in arms:
         raise ConfigError(f"--baseline '{baseline}' has no runs in experiment '{experiment}'; arms: {', '.join(arms)}")
-    summary = summarize(runs, histories, baseline)
+    summary, rho = summarize(runs, histories, baseline)
     runs = runs.assign(outcome=runs.apply(outcome, axis=1))
     uri = mlflow.get_tracking_uri()
 
@@ -94,9 +106,16 @@ def build(experiment: str, out: Path, baseline: str) -> dict:
         f"Software: {versions}. Git commit(s): {commits}.",
         f"Runs from {runs['start'].min():%Y-%m-%d %H:%M} to {runs['end'].max():%Y-%m-%d %H:%M} UTC.",
     ])
-    found = Section("Findings", findings(summary, baseline) or ["No arm to compare with the baseline."])
-    found.paragraphs.append("Deltas are arm minus baseline on the final objective; CIs are Welch's 95% t intervals "
-                            "over seeds. '*' marks a CI that excludes 0.")
+    found = Section("Findings", findings(summary, baseline, rho))
+    found.paragraphs.append(
+        "How to read them: Δ is the arm's mean minus the baseline's, on each run's final objective. The same seed "
+        "gives every arm the same data order, t and noise draws and sample noise, so runs of one seed are pairs: "
+        "the paired t-test over seeds in common is the primary comparison, with Welch's unpaired interval beside "
+        "it. p-values are Holm-adjusted over the arm-vs-baseline comparisons of a dataset, and '*' marks those "
+        "below 0.05. P(improvement) is the chance a run of the arm beats a run of the baseline, with a percentile "
+        "bootstrap CI. MDE is the smallest difference the test detects with 80% power at the observed spread and "
+        "seed count (alpha 0.05, before Holm). Replication: Spearman's rho between the arms' means over the lower "
+        "and the upper half of each arm's seeds.")
 
     # --- per dataset ---------------------------------------------------------------------------
     sections = [header, found]
@@ -106,7 +125,7 @@ def build(experiment: str, out: Path, baseline: str) -> dict:
             "arm": rows["arm"], "objective": objective,
             "mean ± std": [f"{m:.4g} ± {s:.2g}" if s == s else (f"{m:.4g}" if m == m else "—")
                            for m, s in zip(rows["mean"], rows["std"])],
-            "seeds": rows["n_seeds"], f"Δ vs {baseline} [95% CI]": [_fmt_delta(r) for _, r in rows.iterrows()],
+            "seeds": rows["n_seeds"], **_comparison_columns(rows, baseline),
             "params (M)": rows["params"] / 1e6, "train img/s": rows["img_per_s"], "peak mem (GB)": rows["peak_mem_gb"],
             "images seen": rows["images_seen"],
             "links": [_links(r, uri, data.experiment.experiment_id) for r in rows["run_ids"]],
@@ -117,7 +136,8 @@ def build(experiment: str, out: Path, baseline: str) -> dict:
             png = last_sample_grid(group.sort_values("seed")["run_id"].iloc[0])
             if png:
                 grids[arm] = png
-        figures = [curves(done, histories, dataset, objective), loss_per_t_bin(done, dataset)]
+        figures = [forest(summary, dataset, baseline), seed_points(summary, dataset),
+                   curves(done, histories, dataset, objective), loss_per_t_bin(done, dataset)]
         if grids:
             figures.append(sample_grids(grids, dataset))
         sections.append(Section(f"Results: {dataset}", [], table, figures))

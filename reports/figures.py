@@ -1,4 +1,4 @@
-"""The report's matplotlib figures: objective and loss curves per arm, loss per t-bin, sample grids."""
+"""The report's matplotlib figures: curves per arm, loss per t-bin, per-seed points, the forest plot, sample grids."""
 
 from __future__ import annotations
 
@@ -61,6 +61,45 @@ def loss_per_t_bin(runs: pd.DataFrame, dataset: str) -> plt.Figure:
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    return fig
+
+
+def seed_points(summary: pd.DataFrame, dataset: str) -> plt.Figure:
+    """Every seed's final value as a point beside its arm's mean; a seed has one colour in every arm,
+    so the pairing the statistics use can be seen."""
+    rows = summary[(summary["dataset"] == dataset) & (summary["n_seeds"] > 0)].sort_values("mean")
+    fig, ax = plt.subplots(figsize=(11, 0.35 * len(rows) + 1.5))
+    colours = plt.get_cmap("tab10")
+    for y, (_, row) in enumerate(rows.iterrows()):
+        for item in row["values"].split():
+            seed, value = item.split(":")
+            ax.plot(float(value), y, "o", ms=5, color=colours(int(float(seed)) % 10), alpha=0.8)
+        ax.plot(row["mean"], y, "|", ms=18, mew=2, color="black")
+    ax.set_yticks(range(len(rows)), rows["arm"])
+    ax.set(title=f"{dataset}: final {rows['objective'].iloc[0] if len(rows) else ''} per seed (colour = seed, "
+                 f"bar = mean)", xlabel=rows["objective"].iloc[0] if len(rows) else "")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return fig
+
+
+def forest(summary: pd.DataFrame, dataset: str, baseline: str) -> plt.Figure:
+    """Each arm's difference from the baseline with its paired 95% CI (thick) and Welch's (thin), sorted by
+    effect; a filled marker survives Holm's correction."""
+    rows = summary[(summary["dataset"] == dataset) & (summary["arm"] != baseline)].dropna(subset=["delta"])
+    rows = rows.sort_values("delta")
+    fig, ax = plt.subplots(figsize=(11, 0.35 * len(rows) + 1.5))
+    for y, (_, row) in enumerate(rows.iterrows()):
+        ax.plot([row["welch_ci_low"], row["welch_ci_high"]], [y, y], color="0.6", lw=1)
+        ax.plot([row["paired_ci_low"], row["paired_ci_high"]], [y, y], color="C0", lw=3)
+        ax.plot(row["delta"], y, "o", color="C3", mfc="C3" if row["significant"] else "white", ms=7)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(rows)), rows["arm"])
+    objective = rows["objective"].iloc[0] if len(rows) else ""
+    ax.set(title=f"{dataset}: Δ {objective} vs {baseline} (thick: paired 95% CI, thin: Welch; filled: Holm p < 0.05)",
+           xlabel=f"arm − {baseline}")
+    ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     return fig
 
