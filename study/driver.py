@@ -79,8 +79,12 @@ class Book:
                                                    or "status" not in trial.user_attrs)
 
     def to_requeue(self) -> list:
-        """Unfinished trials with no later attempt: a rerun of the command queues them again."""
-        return [t for t in self.latest.values() if self.unfinished(t)]
+        """Unfinished trials with no later attempt: a rerun of the command queues them again.
+
+        A seed that another trial already trains or finished is not queued again.
+        """
+        done = {self.seed_of(t) for t in self.final() + self.of_state(TrialState.RUNNING)} - {None}
+        return [t for t in self.latest.values() if self.unfinished(t) and self.seed_of(t) not in done]
 
     def final(self) -> list:
         """The finished attempt of each trial that will not be tried again."""
@@ -93,9 +97,13 @@ class Book:
             return trial.params["seed"]
         return queued_params(trial).get("seed")
 
-    def seeds_taken(self) -> set[int]:
-        """Seeds that are finished or being trained: a queued duplicate of one is never trained."""
-        return {self.seed_of(t) for t in self.final() + self.of_state(TrialState.RUNNING)} - {None}
+    def owner_of_seed(self, seed: int):
+        """The one trial that trains a seed: its finished trial if there is one, else the lowest-numbered
+        queued or running one. Copies queued by commands that started at the same instant all agree on it,
+        because Optuna creates trials under a lock on the study row: a lower number was committed first."""
+        final = [t for t in self.final() if self.seed_of(t) == seed]
+        live = [t for t in self.of_state(TrialState.WAITING, TrialState.RUNNING) if self.seed_of(t) == seed]
+        return (final or sorted(live, key=lambda t: t.number) or [None])[0]
 
 
 def queued_params(trial) -> dict:
@@ -273,8 +281,6 @@ class Driver:
         storage's compare-and-set on the state (what ask() does inside) cannot.
         """
         storage, study_id = study._storage, study._study_id
-        book = Book(study)
-        taken = book.seeds_taken()
         for queued in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
             try:
                 if not storage.set_trial_state_values(queued._trial_id, state=TrialState.RUNNING):
@@ -284,13 +290,16 @@ class Driver:
             trial = optuna.Trial(study, queued._trial_id)
             trial.set_user_attr("worker", self.worker)  # first, so a rerun can tell whether this process died
             seed = Book.seed_of(queued)
-            if plan.seeds is not None and seed in taken:
-                # Queued twice by two commands that started at the same instant: close the copy, so
-                # nothing is left waiting; Book leaves it out.
-                trial.set_user_attr("duplicate_of", seed)
+            # Two commands that start at the same instant each queue every seed. Read the study again,
+            # after this claim: only the seed's lowest-numbered copy trains, and a worker holding a higher
+            # copy always sees the lower one, however the claims interleave.
+            owner = Book(study).owner_of_seed(seed) if plan.seeds is not None else None
+            if owner is not None and owner.number != queued.number:
+                trial.set_user_attr("duplicate_of", seed)  # closed, so nothing is left waiting; Book leaves it out
                 study.tell(trial, state=TrialState.FAIL)
                 continue
             return trial
+        book = Book(study)
         if plan.search:
             attempts = len(book.final()) + len(book.of_state(TrialState.RUNNING)) + len(book.to_requeue())
             if attempts < plan.n_trials:

@@ -232,3 +232,31 @@ def test_storage_urls_lose_their_password_in_tags():
     assert redact("sqlite:///x.db") == "sqlite:///x.db"
     assert default_storage_url("sqlite:////data/runs/mlflow.db") == "sqlite:////data/runs/optuna.db"
     assert default_storage_url("http://mlflow.lab:5000") == "sqlite:///optuna.db"
+
+
+def test_a_worker_that_claims_a_seed_s_second_copy_while_another_claims_the_first_closes_it(tmp_path):
+    """The interleaving of two commands started at the same instant, made deterministic: worker B reads
+    the queue, worker A claims the seed's first copy, then B claims the second copy. Only A may train it."""
+    from types import SimpleNamespace
+
+    from study.driver import Driver
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'o.db'}")
+    study.enqueue_trial({"seed": 1})
+    study.enqueue_trial({"seed": 1})  # the copy queued by the other command
+    storage = study._storage
+    real_set_state = storage.set_trial_state_values
+
+    def a_claims_first_copy_just_before(trial_id, state, values=None):
+        if trial_id == first._trial_id and state == optuna.trial.TrialState.RUNNING:
+            real_set_state(trial_id, state)  # worker A wins the first copy ...
+            return False  # ... so worker B's compare-and-set on it fails and B moves on to the second
+        return real_set_state(trial_id, state, values)
+
+    first, second = study.get_trials(deepcopy=False)
+    storage.set_trial_state_values = a_claims_first_copy_just_before
+    worker_b = SimpleNamespace(worker="b:1")
+    assert Driver.claim(worker_b, SimpleNamespace(seeds=[1], search=None), study) is None
+    first, second = study.get_trials(deepcopy=False)
+    assert first.state == optuna.trial.TrialState.RUNNING and "duplicate_of" not in first.user_attrs
+    assert second.state == optuna.trial.TrialState.FAIL and second.user_attrs["duplicate_of"] == 1
