@@ -160,3 +160,25 @@ def test_compiled_training_matches_eager_training(tmp_path):
         assert compiled.losses[step] == pytest.approx(loss, rel=1e-4)
     # checkpoints hold the plain model's names, so an eager run resumes a compiled one
     assert Trainer(cfg, latents(), PixelCodec(), tmp_path / "compiled", device="cpu", progress=False).resumed_from == 48
+
+
+def test_one_seed_gives_every_arm_the_same_batches_t_draws_and_sample_noise(tmp_path):
+    """The paired design the report relies on: only the model differs between two arms' runs of one seed."""
+    from study.arms import OverrideSet, load_arms
+
+    def draws(arm):
+        trainer = Trainer(arm.apply(smoke_config(seed=3)), latents(), PixelCodec(), tmp_path / arm.name, device="cpu",
+                          progress=False)
+        batches = [trainer._batch() for _ in range(3)]
+        return batches, trainer.sample_noise
+
+    arms = load_arms()
+    reference, reference_noise = draws(arms["baseline"])
+    for name, arm in arms.items():
+        batches, noise = draws(arm)
+        assert torch.equal(noise, reference_noise), name
+        for (x0, eps, t), (x0_ref, eps_ref, t_ref) in zip(batches, reference):
+            assert torch.equal(x0, x0_ref) and torch.equal(eps, eps_ref), name
+            assert torch.equal(t, t_ref) or name == "uniform_t", name  # uniform_t changes how t is drawn, by design
+    other_seed, _ = draws(OverrideSet("seed4", "", {"train.seed": 4}, "test"))
+    assert not torch.equal(other_seed[0][1], reference[0][1])  # and another seed draws differently
