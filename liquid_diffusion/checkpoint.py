@@ -40,8 +40,14 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], plain: dict) -> dict:
     return {"state": state, "param_groups": plain["param_groups"]}
 
 
-def save_checkpoint(directory: Path, images_seen: int, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(
+    directory: Path,
+    images_seen: int,
+    tensors: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
     """Write one checkpoint; `tensors` holds named tensors (model.*, ema.*, rng.*), `state` plain JSON values."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{PREFIX}{images_seen:012d}"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import difflib
-from pathlib import Path
+import hashlib
+import json
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 
@@ -111,10 +113,13 @@ class ModelConfig(_Section):
         set_("adaln", _on_off("adaln", self.adaln))
 
         if not self.channels or any(c <= 0 for c in self.channels):
-            raise ConfigError(f"channels={list(self.channels)} is not valid; expected a non-empty list of positive widths")
+            raise ConfigError(
+                f"channels={list(self.channels)} is not valid; expected a non-empty list of positive widths"
+            )
         if len(self.depths) != len(self.channels) or any(d < 0 for d in self.depths):
             raise ConfigError(
-                f"depths={list(self.depths)} is not valid; expected {len(self.channels)} non-negative block counts, one per entry of channels"
+                f"depths={list(self.depths)} is not valid; expected {len(self.channels)} non-negative block counts, "
+                f"one per entry of channels"
             )
         _number("mid_depth", self.mid_depth, 0, integer=True)
         _number("ff_mult", self.ff_mult, 1, integer=True)
@@ -126,11 +131,14 @@ class ModelConfig(_Section):
         if not self.kernels:
             raise ConfigError("kernels=[] is not valid; expected a non-empty list of odd sizes such as [3, 5, 7]")
         if any(k <= 0 or k % 2 == 0 for k in self.kernels):
-            raise ConfigError(f"kernels={list(self.kernels)} is not valid; every size must be odd and positive (e.g. 3, 5, 7)")
+            raise ConfigError(
+                f"kernels={list(self.kernels)} is not valid; every size must be odd and positive (e.g. 3, 5, 7)"
+            )
         factor = 2 ** (len(self.channels) - 1)
         if self.resolution % factor:
             raise ConfigError(
-                f"resolution={self.resolution} is not valid; with {len(self.channels)} levels it must be a multiple of {factor}"
+                f"resolution={self.resolution} is not valid; with {len(self.channels)} levels it must be a multiple "
+                f"of {factor}"
             )
 
     @property
@@ -138,7 +146,7 @@ class ModelConfig(_Section):
         return 4 * self.channels[0]
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "ModelConfig":
+    def preset(cls, name: str, **overrides) -> ModelConfig:
         _choice("preset", name, tuple(PRESETS))
         return cls.from_dict({**PRESETS[name], **overrides})
 
@@ -178,8 +186,15 @@ class TrainConfig(_Section):
             _number(name, getattr(self, name))
         for name in ("seed", "warmup_images"):
             _number(name, getattr(self, name), 0, integer=True)
-        for name in ("images", "batch_size", "log_every_steps", "eval_every_images", "checkpoint_every_images",
-                     "n_samples", "sample_steps"):
+        for name in (
+            "images",
+            "batch_size",
+            "log_every_steps",
+            "eval_every_images",
+            "checkpoint_every_images",
+            "n_samples",
+            "sample_steps",
+        ):
             _number(name, getattr(self, name), 1, integer=True)
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay={self.ema_decay!r} is not valid; expected 0 <= ema_decay < 1")
@@ -262,6 +277,29 @@ class DataConfig(_Section):
         return 4, self.resolution // 8
 
 
+def json_digest(value: Any, length: int = 16) -> str:
+    """The first `length` hex digits of the SHA-256 of `value` as canonical JSON: names that change
+    exactly when the content does (configs, reference sets, latent caches)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:length]
+
+
+def dataset_slug(dataset: str) -> str:
+    """A dataset's name in study, run-folder and reference-set names: a built-in name as it is, a folder
+    or a hub dataset by its last part plus a digest of the whole, so two folders called `images` differ."""
+    if "/" in dataset:
+        return f"{Path(dataset).name}-{hashlib.sha256(dataset.encode()).hexdigest()[:8]}"
+    return dataset.replace(":", "_")
+
+
+# The training loss is also logged per bin of t (minRF's diagnostic): T_BINS even bins of [0, 1].
+T_BINS = 10
+
+
+def loss_bin_key(i: int) -> str:
+    """The logged name of the training loss in t-bin i."""
+    return f"train/loss_bin{i}"
+
+
 # Sample-quality metrics, each with whether higher is better. The digit ones live in the feature space
 # of a small MNIST classifier (liquid_diffusion/digits.py) and are not FID; the others need the
 # real Inception weights (liquid_diffusion/inception.py).
@@ -289,7 +327,9 @@ class EvalConfig(_Section):
     def __post_init__(self):
         metrics = (self.metrics,) if isinstance(self.metrics, str) else self.metrics
         if not isinstance(metrics, (list, tuple)) or not metrics:
-            raise ConfigError(f"metrics={self.metrics!r} is not valid; expected auto or a list of: {', '.join(METRICS)}")
+            raise ConfigError(
+                f"metrics={self.metrics!r} is not valid; expected auto or a list of: {', '.join(METRICS)}"
+            )
         object.__setattr__(self, "metrics", tuple(metrics))
         if self.metrics != ("auto",):
             for name in self.metrics:
@@ -327,8 +367,10 @@ class ExperimentConfig:
             object.__setattr__(self, "model", self.model.replace(in_channels=channels, resolution=size))
         metrics, objective = self.eval_metrics
         if self.data.dataset != "mnist" and (wrong := [m for m in metrics if m in DIGIT_METRICS]):
-            raise ConfigError(f"eval.metrics {', '.join(wrong)} judge digits and need dataset mnist, not "
-                              f"'{self.data.dataset}'; choose from: {', '.join(INCEPTION_METRICS)}")
+            raise ConfigError(
+                f"eval.metrics {', '.join(wrong)} judge digits and need dataset mnist, not "
+                f"'{self.data.dataset}'; choose from: {', '.join(INCEPTION_METRICS)}"
+            )
         if objective not in metrics:
             raise ConfigError(f"eval.objective={objective} is not among eval.metrics ({', '.join(metrics)})")
 
@@ -344,8 +386,12 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: getattr(self, name).to_dict() for name in self.sections()}
 
+    def digest(self) -> str:
+        """16 hex digits that identify the whole resolved config (run folders use the first 8)."""
+        return json_digest(self.to_dict())
+
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ExperimentConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:
         sections = cls.sections()
         for key in data:
             if key not in sections:
@@ -356,7 +402,7 @@ class ExperimentConfig:
         """`section.key` -> value, the form MLflow params and overrides use."""
         return {f"{s}.{k}": v for s, values in self.to_dict().items() for k, v in values.items()}
 
-    def with_overrides(self, overrides: dict[str, Any]) -> "ExperimentConfig":
+    def with_overrides(self, overrides: dict[str, Any]) -> ExperimentConfig:
         """Apply `section.key: value` overrides; unknown keys and bad values raise ConfigError.
 
         `model.preset: NAME` sets channels and depths from a preset, before the other overrides.
@@ -388,4 +434,13 @@ def flatten_overrides(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-__all__ = ["ConfigError", "DataConfig", "EvalConfig", "ExperimentConfig", "ModelConfig", "TrainConfig", "PRESETS", "flatten_overrides"]
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "ExperimentConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "PRESETS",
+    "flatten_overrides",
+]

@@ -11,8 +11,8 @@ import copy
 import hashlib
 import io
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from .hub import cache_only_unless_reachable
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
 
 class ImageSource(abc.ABC):
     """A dataset as batches of preprocessed images, with a digest of its content."""
@@ -39,7 +40,7 @@ class ImageSource(abc.ABC):
         """Images in [-1, 1], shape (B, C, R, R), in a fixed order."""
 
     @abc.abstractmethod
-    def draw(self, n: int, seed: int) -> "ImageSource":
+    def draw(self, n: int, seed: int) -> ImageSource:
         """The same source restricted to n images drawn without replacement (seeded), all if n >= its size."""
 
 
@@ -69,7 +70,7 @@ class MnistSource(ImageSource):
     def __len__(self) -> int:
         return len(self.pixels)
 
-    def draw(self, n: int, seed: int) -> "MnistSource":
+    def draw(self, n: int, seed: int) -> MnistSource:
         drawn = copy.copy(self)
         index = _draw_indices(len(self), n, seed)
         drawn.pixels, drawn.labels = self.pixels[index], self.labels[index]
@@ -101,7 +102,7 @@ class HFImageSource(ImageSource):
     def __len__(self) -> int:
         return len(self.dataset)  # TypeError for streaming datasets, whose length is unknown
 
-    def draw(self, n: int, seed: int) -> "HFImageSource":
+    def draw(self, n: int, seed: int) -> HFImageSource:
         drawn = copy.copy(self)
         if self.cfg.streaming:  # no random access: the first n, in stream order
             drawn.dataset = self.dataset.take(n)
@@ -167,7 +168,8 @@ def _open_hub(cfg: DataConfig) -> HFImageSource:
             fix = " (streaming needs the network)" if cfg.streaming else ""
             raise DataError(
                 f"dataset '{cfg.dataset}' ({hub_id}): {state} no usable local copy ({type(err).__name__}). "
-                f"Pre-cache it on a connected machine with `python -c \"import datasets; datasets.load_dataset('{hub_id}', split='train')\"`"
+                f"Pre-cache it on a connected machine with "
+                f"`python -c \"import datasets; datasets.load_dataset('{hub_id}', split='train')\"`"
                 f"{fix}, or pass a local folder of images with --dataset PATH"
             ) from None
     return HFImageSource(cfg, dataset, hashlib.sha256(digest.encode()).hexdigest()[:16], hub_id)

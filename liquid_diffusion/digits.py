@@ -44,9 +44,19 @@ class DigitClassifier(nn.Module):
         super().__init__()
         self.resolution = resolution
         self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1),
+            nn.BatchNorm2d(128),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.head = nn.Linear(128, 10)
 
@@ -115,7 +125,11 @@ def classifier_path(resolution: int, cache_dir: Path | None = None) -> Path:
     """The cached classifier for `resolution`, trained (about a minute) on first use."""
     data_digest = MnistSource(DataConfig(dataset="mnist")).digest
     digest = hashlib.sha256(f"{data_digest}-{resolution}-{CLASSIFIER_VERSION}".encode()).hexdigest()[:16]
-    path = (Path(cache_dir) if cache_dir else default_cache_dir()) / "classifiers" / f"digits{resolution}-{digest}.safetensors"
+    path = (
+        (Path(cache_dir) if cache_dir else default_cache_dir())
+        / "classifiers"
+        / f"digits{resolution}-{digest}.safetensors"
+    )
     if path.exists():
         try:
             read_classifier(path)
@@ -132,7 +146,8 @@ def read_classifier(path: Path) -> tuple[DigitClassifier, float]:
     with safe_open(path, framework="pt") as cached:
         meta = cached.metadata()
         model = DigitClassifier(int(meta["resolution"]))
-        model.load_state_dict({key: cached.get_tensor(key) for key in cached.keys()})
+        names = cached.keys()  # safetensors' file handle is not a dict: keys() is its API
+        model.load_state_dict({key: cached.get_tensor(key) for key in names})
     return model.eval(), float(meta["held_out_accuracy"])
 
 

@@ -14,18 +14,17 @@ network, and get the suffix `_unverified` when its weights are not the standard 
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch_fidelity
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .config import DIGIT_METRICS, INCEPTION_METRICS, ConfigError, ExperimentConfig
+from .config import DIGIT_METRICS, INCEPTION_METRICS, ConfigError, ExperimentConfig, dataset_slug, json_digest
 from .digits import classifier_path, read_classifier, register_digit_features, score_digits
 from .inception import InceptionWeights, WeightsError, sha256_of
 from .latent_cache import default_cache_dir
@@ -38,8 +37,12 @@ REFERENCE_VERSION = 1  # bump when the reference preprocessing changes, so old s
 
 # torch-fidelity's result keys -> ours, for each feature space
 _DIGIT_KEYS = {"frechet_inception_distance": "fd_digits", "kernel_inception_distance_mean": "kid_digits"}
-_INCEPTION_KEYS = {"frechet_inception_distance": "fid", "kernel_inception_distance_mean": "kid",
-                   "precision": "precision", "recall": "recall"}
+_INCEPTION_KEYS = {
+    "frechet_inception_distance": "fid",
+    "kernel_inception_distance_mean": "kid",
+    "precision": "precision",
+    "recall": "recall",
+}
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -83,7 +86,9 @@ def objective_key(cfg: ExperimentConfig, weights: InceptionWeights | None) -> st
 
 def noise_for(indices: range, shape: tuple[int, ...]) -> torch.Tensor:
     """Sample j's noise depends on j only, so the first k samples agree whatever N or batch size."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(EVAL_NOISE_SEED + j)) for j in indices])
+    return torch.stack(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(EVAL_NOISE_SEED + j)) for j in indices]
+    )
 
 
 class Evaluator:
@@ -93,9 +98,18 @@ class Evaluator:
     Inception metric is requested (see inception.resolve_inception_weights).
     """
 
-    def __init__(self, cfg: ExperimentConfig, source, codec, weights: InceptionWeights | None = None,
-                 cache_dir: Path | None = None, device: str | torch.device = "cpu", progress: bool = False,
-                 n: int | None = None, metrics: tuple[str, ...] | None = None):
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        source,
+        codec,
+        weights: InceptionWeights | None = None,
+        cache_dir: Path | None = None,
+        device: str | torch.device = "cpu",
+        progress: bool = False,
+        n: int | None = None,
+        metrics: tuple[str, ...] | None = None,
+    ):
         self.cfg, self.source, self.codec, self.weights = cfg, source, codec, weights
         self.device = torch.device(device)
         self.progress = progress
@@ -109,21 +123,25 @@ class Evaluator:
         if any(m in DIGIT_METRICS for m in self.metrics) and cfg.data.dataset != "mnist":
             raise ConfigError(f"digit metrics need dataset mnist, not '{cfg.data.dataset}'")
         n_ref = cfg.eval.n_ref or self.n
-        try:
+        with contextlib.suppress(TypeError):  # a streaming source has no length; a short stream gives fewer images
             n_ref = min(n_ref, len(source))
-        except TypeError:  # a streaming source has no length; a short stream gives fewer images
-            pass
         if n_ref < 2:
             raise ConfigError(f"dataset '{cfg.data.dataset}' has {n_ref} image(s); a reference set needs at least 2")
         self.n_ref = n_ref
         if {"precision", "recall"} & set(self.metrics) and min(self.n, n_ref) <= PRC_NEIGHBOURS:
-            raise ConfigError(f"precision/recall need more than {PRC_NEIGHBOURS} samples on each side; "
-                              f"got N={self.n}, N_ref={n_ref}")
+            raise ConfigError(
+                f"precision/recall need more than {PRC_NEIGHBOURS} samples on each side; got N={self.n}, N_ref={n_ref}"
+            )
         self.reference = ImageSet(build=self._build_reference)
         self.kid_subset_size = min(cfg.eval.kid_subset_size, self.n, self.n_ref)
         if self.kid_subset_size < cfg.eval.kid_subset_size and any(m in ("kid", "kid_digits") for m in self.metrics):
-            log.warning("KID subset size lowered from %d to %d (N=%d, N_ref=%d)", cfg.eval.kid_subset_size,
-                        self.kid_subset_size, self.n, self.n_ref)
+            log.warning(
+                "KID subset size lowered from %d to %d (N=%d, N_ref=%d)",
+                cfg.eval.kid_subset_size,
+                self.kid_subset_size,
+                self.n,
+                self.n_ref,
+            )
 
     @property
     def objective_key(self) -> str:
@@ -132,8 +150,11 @@ class Evaluator:
     @property
     def tags(self) -> dict[str, str]:
         """What a report needs to state the protocol: metrics, objective, reference set, weights."""
-        tags = {"eval.metrics": ",".join(self.metrics), "eval.objective": self.objective_key,
-                "eval.reference_set": self.reference_name}
+        tags = {
+            "eval.metrics": ",".join(self.metrics),
+            "eval.objective": self.objective_key,
+            "eval.reference_set": self.reference_name,
+        }
         if any(m in INCEPTION_METRICS for m in self.metrics):
             tags["weights"] = self.weights.tag
         return tags
@@ -144,12 +165,19 @@ class Evaluator:
     def reference_name(self) -> str:
         """Names the reference set by content: dataset digest, resolution, round trip, N_ref."""
         d, e = self.cfg.data, self.cfg.eval
-        parts = {"version": REFERENCE_VERSION, "data": self.source.digest, "resolution": d.resolution,
-                 "channels": d.channels, "max_images": d.max_images, "reference": e.reference, "n_ref": self.n_ref,
-                 "seed": REFERENCE_SEED, "codec": self.codec.digest if e.reference == "roundtrip" else None}
-        digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-        slug = Path(d.dataset).name if "/" in d.dataset else d.dataset.replace(":", "_")
-        return f"ref-{slug}-{d.resolution}px-{e.reference}-n{self.n_ref}-{digest}"
+        parts = {
+            "version": REFERENCE_VERSION,
+            "data": self.source.digest,
+            "resolution": d.resolution,
+            "channels": d.channels,
+            "max_images": d.max_images,
+            "reference": e.reference,
+            "n_ref": self.n_ref,
+            "seed": REFERENCE_SEED,
+            "codec": self.codec.digest if e.reference == "roundtrip" else None,
+        }
+        digest = json_digest(parts)
+        return f"ref-{dataset_slug(d.dataset)}-{d.resolution}px-{e.reference}-n{self.n_ref}-{digest}"
 
     def _build_reference(self) -> torch.Tensor:
         log.info("building reference set %s", self.reference_name)
@@ -176,16 +204,35 @@ class Evaluator:
                 bar.update(len(indices))
         return torch.cat(out)
 
-    def _fidelity(self, generated: ImageSet, extractor: str, weights_path: Path, cache_suffix: str,
-                  fid: bool, kid: bool, prc: bool) -> dict[str, float]:
+    def _fidelity(
+        self,
+        generated: ImageSet,
+        extractor: str,
+        weights_path: Path,
+        cache_suffix: str,
+        fid: bool,
+        kid: bool,
+        prc: bool,
+    ) -> dict[str, float]:
         if not (fid or kid or prc):
             return {}
         return torch_fidelity.calculate_metrics(
-            input1=generated, input2=self.reference, input2_cache_name=f"{self.reference_name}-{cache_suffix}",
-            cache_root=str(self.cache_dir / "fidelity"), feature_extractor=extractor,
-            feature_extractor_weights_path=str(weights_path), fid=fid, kid=kid, prc=prc,
-            kid_subset_size=self.kid_subset_size, kid_subsets=self.cfg.eval.kid_subsets, prc_neighborhood=PRC_NEIGHBOURS,
-            cuda=self.device.type == "cuda", batch_size=64, save_cpu_ram=True, verbose=False,
+            input1=generated,
+            input2=self.reference,
+            input2_cache_name=f"{self.reference_name}-{cache_suffix}",
+            cache_root=str(self.cache_dir / "fidelity"),
+            feature_extractor=extractor,
+            feature_extractor_weights_path=str(weights_path),
+            fid=fid,
+            kid=kid,
+            prc=prc,
+            kid_subset_size=self.kid_subset_size,
+            kid_subsets=self.cfg.eval.kid_subsets,
+            prc_neighborhood=PRC_NEIGHBOURS,
+            cuda=self.device.type == "cuda",
+            batch_size=64,
+            save_cpu_ram=True,
+            verbose=False,
         )
 
     def score(self, images: torch.Tensor, prefix: str = "eval/") -> dict[str, float]:
@@ -193,15 +240,28 @@ class Evaluator:
         generated, wanted, out = ImageSet(images), set(self.metrics), {}
         if wanted & set(DIGIT_METRICS):
             path = classifier_path(self.cfg.data.resolution, self.cache_dir)
-            raw = self._fidelity(generated, register_digit_features(), path, f"digits{sha256_of(path)[:8]}",
-                                 fid="fd_digits" in wanted, kid="kid_digits" in wanted, prc=False)
+            raw = self._fidelity(
+                generated,
+                register_digit_features(),
+                path,
+                f"digits{sha256_of(path)[:8]}",
+                fid="fd_digits" in wanted,
+                kid="kid_digits" in wanted,
+                prc=False,
+            )
             out.update({_DIGIT_KEYS[k]: v for k, v in raw.items() if k in _DIGIT_KEYS})
             digits = score_digits(read_classifier(path)[0], images.float().div(127.5).sub(1))
             out.update(confident_frac=digits.confident_frac, class_entropy=digits.class_entropy)
         if wanted & set(INCEPTION_METRICS):
-            raw = self._fidelity(generated, "inception-v3-compat", self.weights.path,
-                                 f"inception{sha256_of(self.weights.path)[:8]}",
-                                 fid="fid" in wanted, kid="kid" in wanted, prc=bool(wanted & {"precision", "recall"}))
+            raw = self._fidelity(
+                generated,
+                "inception-v3-compat",
+                self.weights.path,
+                f"inception{sha256_of(self.weights.path)[:8]}",
+                fid="fid" in wanted,
+                kid="kid" in wanted,
+                prc=bool(wanted & {"precision", "recall"}),
+            )
             suffix = "" if self.weights.verified else "_unverified"
             out.update({_INCEPTION_KEYS[k] + suffix: v for k, v in raw.items() if k in _INCEPTION_KEYS})
         out = {name: value for name, value in out.items() if name.removesuffix("_unverified") in wanted}
@@ -211,7 +271,8 @@ class Evaluator:
             out["kid_subset_size"] = self.kid_subset_size
         return {f"{prefix}{name}": float(value) for name, value in out.items()}
 
-    def evaluate(self, sample: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 64,
-                 prefix: str = "eval/") -> dict[str, float]:
+    def evaluate(
+        self, sample: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 64, prefix: str = "eval/"
+    ) -> dict[str, float]:
         """Generate N samples with `sample` and score them."""
         return self.score(self.generate(sample, batch_size), prefix)

@@ -69,8 +69,10 @@ def _checked(path: Path, allow_unverified: bool, origin: str) -> InceptionWeight
         try:
             torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # pickle and torch raise many kinds
-            raise WeightsError(f"Inception weights '{path}' are not a plain state dict that torch can load safely "
-                               f"({type(err).__name__}); refusing them even with --allow-unverified-weights") from None
+            raise WeightsError(
+                f"Inception weights '{path}' are not a plain state dict that torch can load safely "
+                f"({type(err).__name__}); refusing them even with --allow-unverified-weights"
+            ) from None
         return InceptionWeights(path, verified=False)
     raise WeightsError(
         f"Inception weights '{path}' have SHA-256 {actual[:16]}..., not the standard {INCEPTION_FILE} "
@@ -97,8 +99,9 @@ def resolve_inception_weights(path: str | Path | None = None, allow_unverified: 
         try:
             torch.hub.download_url_to_file(INCEPTION_URL, str(cached), hash_prefix=INCEPTION_SHA256[:8])
         except Exception as err:  # network errors come in many types; the message below covers them
-            raise WeightsError(f"downloading the Inception weights failed ({type(err).__name__}: {err}); "
-                               f"{HOW_TO_SUPPLY}") from None
+            raise WeightsError(
+                f"downloading the Inception weights failed ({type(err).__name__}: {err}); {HOW_TO_SUPPLY}"
+            ) from None
     if cached.is_file():
         return _checked(cached, allow_unverified, "in the torch.hub cache")
     raise WeightsError(f"no Inception weights here and the download site is unreachable; {HOW_TO_SUPPLY}")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -13,7 +11,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .config import DataConfig
+from .config import DataConfig, json_digest
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1  # bump when preprocessing changes, so old caches are never read
@@ -35,7 +33,7 @@ def cache_key(source, codec, cfg: DataConfig) -> str:
         "codec_weights": codec.digest,
         "flip": cfg.flip,
     }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+    return json_digest(parts, 24)
 
 
 def save_file_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -56,8 +54,9 @@ def _read(path: Path, source) -> torch.Tensor | None:
         return None
 
 
-def load_or_encode(source, codec, cfg: DataConfig, cache_dir: Path | None = None, batch_size: int = 64,
-                   progress: bool = True) -> torch.Tensor:
+def load_or_encode(
+    source, codec, cfg: DataConfig, cache_dir: Path | None = None, batch_size: int = 64, progress: bool = True
+) -> torch.Tensor:
     """All training latents (N, C, h, w) as float32; with `cfg.flip`, each image's mirror follows it."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     path = cache_dir / "latents" / f"{cache_key(source, codec, cfg)}.safetensors"
@@ -66,8 +65,9 @@ def load_or_encode(source, codec, cfg: DataConfig, cache_dir: Path | None = None
         return latents.float()
 
     chunks = []
-    for pixels in tqdm(source.batches(batch_size), desc=f"encode {cfg.dataset} ({codec.name})", unit="batch",
-                       disable=not progress):
+    for pixels in tqdm(
+        source.batches(batch_size), desc=f"encode {cfg.dataset} ({codec.name})", unit="batch", disable=not progress
+    ):
         if cfg.flip:
             pixels = torch.stack([pixels, pixels.flip(-1)], dim=1).flatten(0, 1)
         chunks.append(codec.encode(pixels).cpu())

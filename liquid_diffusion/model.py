@@ -147,7 +147,8 @@ class LiquidRelaxation(nn.Module):
 
 
 class LiquidDiffusionBlock(nn.Module):
-    """CfC (or conv) mixer with relaxation, multi-scale spatial mix, feed-forward; each after a time-conditioned norm."""
+    """CfC (or conv) mixer with relaxation, multi-scale spatial mix, feed-forward; each after a time-conditioned
+    norm."""
 
     def __init__(self, dim: int, cfg: ModelConfig):
         super().__init__()
@@ -235,7 +236,9 @@ class LiquidUNet(ModelMixin, ConfigMixin):
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        sinusoid = get_timestep_embedding(t * 1000, self.model_config.channels[0], flip_sin_to_cos=True, downscale_freq_shift=0)
+        sinusoid = get_timestep_embedding(
+            t * 1000, self.model_config.channels[0], flip_sin_to_cos=True, downscale_freq_shift=0
+        )
         temb = self.time_embed(sinusoid.to(x.dtype))
 
         h = to_nhwc(self.stem(x.contiguous(memory_format=torch.channels_last)))

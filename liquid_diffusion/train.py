@@ -24,12 +24,11 @@ from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import ConfigError, ExperimentConfig
+from .config import T_BINS, ConfigError, ExperimentConfig, loss_bin_key
 from .flow import euler_sample, rectified_flow_loss, sample_t
 from .model import LiquidUNet
 
 SAMPLE_NOISE_SEED = 1234  # the same fixed noise for every arm and seed, so sample grids compare
-T_BINS = 10
 
 
 class Tracker(Protocol):
@@ -49,19 +48,23 @@ class NullTracker:
 
 
 class TrainingStopped(RuntimeError):
-    """The run ended early for a reason that is a result, not a bug."""
+    """The run ended early for a reason that is a result, not a bug; `kind` names it in outcomes.OUTCOMES."""
+
+    kind = "stopped"
 
 
 class NonFiniteLoss(TrainingStopped):
-    pass
+    kind = "non_finite"
 
 
 class OverBudget(TrainingStopped):
-    pass
+    kind = "over_budget"
 
 
 class Pruned(TrainingStopped):
     """A study's pruner judged the run not worth finishing, from its evaluations so far."""
+
+    kind = "pruned"
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -85,8 +88,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
             return "fp32"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if precision == "fp16" and device.type != "cuda":
-        warnings.warn("precision=fp16 on the CPU runs the GPU's fp16 code path for checking it; it is many times "
-                      "slower than fp32 here", stacklevel=2)
+        warnings.warn(
+            "precision=fp16 on the CPU runs the GPU's fp16 code path for checking it; it is many times "
+            "slower than fp32 here",
+            stacklevel=2,
+        )
     return precision
 
 
@@ -112,7 +118,9 @@ def autocast(device: torch.device, precision: str):
 
 
 @torch.no_grad()
-def generate(model, codec, noise: torch.Tensor, steps: int, precision: str = "fp32", batch_size: int = 64) -> torch.Tensor:
+def generate(
+    model, codec, noise: torch.Tensor, steps: int, precision: str = "fp32", batch_size: int = 64
+) -> torch.Tensor:
     """Images in [-1, 1] on the CPU: Euler-integrate `model` from `noise`, then decode through `codec`."""
     device = next(model.parameters()).device
     out = []
@@ -141,6 +149,27 @@ class TrainResult:
         return overhead / max(1e-9, overhead + s.get("step", 0))
 
 
+class Stopwatch:
+    """Wall seconds per phase of the training loop: `with clock("step"):` adds the block's time."""
+
+    def __init__(self, *phases: str):
+        self.seconds = dict.fromkeys(phases, 0.0)
+        self._last = dict.fromkeys(phases, 0.0)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._last[phase] = time.perf_counter() - start
+            self.seconds[phase] += self._last[phase]
+
+    def last(self, phase: str) -> float:
+        """The time of the phase's latest block."""
+        return self._last[phase]
+
+
 class LossWindow:
     """Per-sample losses since the last log, overall and binned by t (minRF's cheap diagnostic)."""
 
@@ -161,15 +190,24 @@ class LossWindow:
         out = {"train/loss": float(self.sums.sum() / self.counts.sum())}
         for i in range(T_BINS):
             if self.counts[i] > 0:
-                out[f"train/loss_bin{i}"] = float(self.sums[i] / self.counts[i])
+                out[loss_bin_key(i)] = float(self.sums[i] / self.counts[i])
         out["train/img_per_s"] = self.images / max(self.seconds, 1e-9)
         return out
 
 
 class Trainer:
-    def __init__(self, cfg: ExperimentConfig, latents: torch.Tensor, codec, run_dir: Path,
-                 tracker: Tracker | None = None, device: str = "auto", progress: bool = True, evaluator=None,
-                 compile: bool = False):
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        latents: torch.Tensor,
+        codec,
+        run_dir: Path,
+        tracker: Tracker | None = None,
+        device: str = "auto",
+        progress: bool = True,
+        evaluator=None,
+        compile: bool = False,
+    ):
         """`evaluator` (liquid_diffusion.evaluate.Evaluator) adds sample-quality metrics to every evaluation.
 
         `compile` runs the training forward through torch.compile: the same numbers to float
@@ -255,33 +293,15 @@ class Trainer:
 
     # --- training ----------------------------------------------------------------------------
 
-    def _autocast(self):
-        return autocast(self.device, self.precision)
-
     def _batch(self):
+        """A batch and its t and noise, all drawn from the seed's own generator: every arm sees the same
+        ones for the same seed (the report's paired design), whatever its architecture consumed at init."""
         tc = self.cfg.train
         index = torch.randint(len(self.latents), (tc.batch_size,), generator=self.generator)
         x0 = self.latents[index.to(self.device)]
         noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
         t = sample_t(tc.batch_size, tc.t_sampling, self.generator).to(self.device)
         return x0, noise, t
-
-    def _train_step(self, x0, noise, t) -> torch.Tensor:
-        with self._autocast():
-            losses = rectified_flow_loss(self.train_model, x0, noise, t)
-        loss = losses.mean()
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"non-finite loss at step {self.step + 1}")
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        if self.cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.lr_schedule.step()
-        self.ema.step(self.model.parameters())
-        return losses.detach()
 
     def _wall_spent(self) -> float:
         """Wall seconds of training so far, all processes; evaluation is not charged to the budget."""
@@ -292,66 +312,102 @@ class Trainer:
         spent = self._wall_spent()
         if limit and spent > limit:
             raise OverBudget(
-                f"over budget: {spent / 60:.1f} min of wall time exceeds the {self.cfg.train.max_wall_minutes:g} min cap "
+                f"over budget: {spent / 60:.1f} min of wall time exceeds the "
+                f"{self.cfg.train.max_wall_minutes:g} min cap "
                 f"after {self.images_seen} of {self.cfg.train.images} images"
             )
 
     def run(self) -> TrainResult:
         tc = self.cfg.train
         self._started, self.eval_seconds = time.perf_counter(), 0.0
-        seconds = dict.fromkeys(("data", "step", "logging", "eval", "checkpoint"), 0.0)
+        clock = Stopwatch("data", "step", "logging", "eval", "checkpoint")
         window, last_loss, last_eval = LossWindow(), float("nan"), -1
-        bar = tqdm(total=tc.images, initial=self.images_seen, unit="img", desc="train", disable=not self.progress,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=tc.images,
+            initial=self.images_seen,
+            unit="img",
+            desc="train",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
 
         def crossed(every: int) -> bool:
             return self.images_seen // every > (self.images_seen - tc.batch_size) // every
 
         try:
             while self.images_seen < tc.images:
-                t0 = time.perf_counter()
-                x0, noise, t = self._batch()
-                t1 = time.perf_counter()
-                losses = self._train_step(x0, noise, t)
-                window.add(losses, t)  # .cpu() here waits for the device, so step time is honest
-                t2 = time.perf_counter()
-                seconds["data"] += t1 - t0
-                seconds["step"] += t2 - t1
-                window.seconds += t2 - t0
+                # --- draw a batch ---
+                with clock("data"):
+                    x0, noise, t = self._batch()
+
+                # --- loss, backward, clip, optimizer step, EMA ---
+                with clock("step"):
+                    with autocast(self.device, self.precision):
+                        losses = rectified_flow_loss(self.train_model, x0, noise, t)
+                    loss = losses.mean()
+                    if not torch.isfinite(loss):  # a CPU-GPU sync point, once a step: cheap next to the step
+                        raise NonFiniteLoss(f"non-finite loss at step {self.step + 1}")
+                    self.scaler.scale(loss).backward()  # the scaler is a no-op unless fp16
+                    self.scaler.unscale_(self.optimizer)  # so that clipping sees the true gradient norm
+                    if tc.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+                    self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed
+                    self.scaler.update()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.lr_schedule.step()
+                    self.ema.step(self.model.parameters())
+                    window.add(losses.detach(), t)  # .cpu() waits for the device, so the step's time is honest
+                window.seconds += clock.last("data") + clock.last("step")
                 self.step += 1
                 self.images_seen += tc.batch_size
                 bar.update(tc.batch_size)
 
+                # --- log: the loss overall and per t-bin, the learning rate, throughput ---
                 if self.step % tc.log_every_steps == 0:
-                    metrics = window.metrics()
-                    metrics["train/lr"] = self.lr_schedule.get_last_lr()[0]
-                    self.tracker.log_metrics(metrics, step=self.images_seen)
-                    last_loss = metrics["train/loss"]
-                    bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{metrics['train/img_per_s']:.0f}")
-                    window = LossWindow()
-                    seconds["logging"] += time.perf_counter() - t2
+                    with clock("logging"):
+                        metrics = window.metrics()
+                        metrics["train/lr"] = self.lr_schedule.get_last_lr()[0]
+                        self.tracker.log_metrics(metrics, step=self.images_seen)
+                        last_loss = metrics["train/loss"]
+                        bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{metrics['train/img_per_s']:.0f}")
+                        window = LossWindow()
+
+                # --- evaluate (its time is not charged to the wall-clock budget) ---
                 if crossed(tc.eval_every_images) or self.images_seen >= tc.images:
-                    seconds["eval"] += self.evaluate()
+                    with clock("eval"):
+                        self.evaluate()
                     last_eval = self.images_seen
+
+                # --- checkpoint ---
                 if crossed(tc.checkpoint_every_images) or self.images_seen >= tc.images:
-                    t3 = time.perf_counter()
-                    self.save()
-                    seconds["checkpoint"] += time.perf_counter() - t3
+                    with clock("checkpoint"):
+                        self.save()
+
+                # --- budget ---
                 self._check_wall()
+
             if window.images:
                 metrics = window.metrics()
                 last_loss = metrics["train/loss"]
                 self.tracker.log_metrics(metrics, step=self.images_seen)
             if last_eval != self.images_seen:  # e.g. a rerun of a finished run: evaluate once more
-                seconds["eval"] += self.evaluate()
+                with clock("eval"):
+                    self.evaluate()
         except torch.cuda.OutOfMemoryError:  # the cap set by set_per_process_memory_fraction
             raise OverBudget(
                 f"over budget: out of memory under the {tc.vram_cap_gb:g} GB cap at step {self.step + 1}"
             ) from None
         finally:
             bar.close()
-        result = TrainResult(self.images_seen, self.step, last_loss, self.resumed_from, seconds, self.peak_memory_gb(),
-                             self.last_eval)
+        result = TrainResult(
+            self.images_seen,
+            self.step,
+            last_loss,
+            self.resumed_from,
+            clock.seconds,
+            self.peak_memory_gb(),
+            self.last_eval,
+        )
         self.tracker.log_metrics(
             {"train/peak_mem_gb": result.peak_memory_gb, "train/overhead_frac": result.overhead_fraction},
             step=self.images_seen,
@@ -395,8 +451,10 @@ class Trainer:
         if self.evaluator is not None:  # one swap to the EMA weights for all N samples
             with self.ema_weights() as model:
                 steps, precision = self.cfg.train.sample_steps, self.precision
-                metrics = self.evaluator.evaluate(lambda noise: generate(model, self.codec, noise, steps, precision,
-                                                                         len(noise)), self.cfg.train.batch_size)
+                metrics = self.evaluator.evaluate(
+                    lambda noise: generate(model, self.codec, noise, steps, precision, len(noise)),
+                    self.cfg.train.batch_size,
+                )
         elapsed = time.perf_counter() - start
         self.eval_seconds += elapsed
         self.last_eval = metrics

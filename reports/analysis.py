@@ -12,6 +12,7 @@ from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestIndPower, TTestPower
 
 from liquid_diffusion.config import METRICS
+from liquid_diffusion.outcomes import OUTCOMES
 
 CONFIDENCE = 0.95  # of every interval, and 1 - alpha of every test
 POWER = 0.8  # of the minimum detectable effect
@@ -20,12 +21,13 @@ REPLICATION_RHO = 0.8  # below it, the ranking of the arms at this budget is cal
 
 
 def outcome(row) -> str:
-    """complete | pruned | over_budget | failed, from a run's status and tags."""
-    if row["tag:optuna.state"] == "PRUNED" or row["tag:status"] == "pruned":
-        return "pruned"
-    if row["tag:status"] == "over_budget":
-        return "over_budget"
-    return "complete" if row["run_status"] == "FINISHED" else "failed"
+    """complete | pruned | over_budget | failed, from a run's `status` tag (outcomes.OUTCOMES), else its
+    MLflow status: an interrupted or crashed run carries no `status` tag."""
+    if row["tag:optuna.state"] == OUTCOMES["pruned"].trial_state:
+        return OUTCOMES["pruned"].counted_as
+    if row["tag:status"] in OUTCOMES:
+        return OUTCOMES[row["tag:status"]].counted_as
+    return "complete" if row["run_status"] == OUTCOMES["finished"].run_status else "failed"
 
 
 def objective_of(runs: pd.DataFrame) -> str:
@@ -60,10 +62,22 @@ def compare(arm: pd.Series, base: pd.Series, lower_better: bool, rng_seed: int =
     The p-value is adjusted for the other arms afterwards (Holm, in summarize).
     """
     a, b = arm.to_numpy(float), base.to_numpy(float)
-    out = {"delta": a.mean() - b.mean(), "n_pairs": 0, "paired_delta": np.nan, "paired_ci_low": np.nan,
-           "paired_ci_high": np.nan, "welch_ci_low": np.nan, "welch_ci_high": np.nan, "test": "", "p": np.nan,
-           "mde": np.nan, "p_improvement": np.nan, "p_improvement_ci_low": np.nan, "p_improvement_ci_high": np.nan,
-           "note": ""}
+    out = {
+        "delta": a.mean() - b.mean(),
+        "n_pairs": 0,
+        "paired_delta": np.nan,
+        "paired_ci_low": np.nan,
+        "paired_ci_high": np.nan,
+        "welch_ci_low": np.nan,
+        "welch_ci_high": np.nan,
+        "test": "",
+        "p": np.nan,
+        "mde": np.nan,
+        "p_improvement": np.nan,
+        "p_improvement_ci_low": np.nan,
+        "p_improvement_ci_high": np.nan,
+        "note": "",
+    }
     if len(a) < 2 or len(b) < 2:
         out["note"] = "one seed: no CI" if min(len(a), len(b)) == 1 else "no seeds"
         return out
@@ -80,28 +94,39 @@ def compare(arm: pd.Series, base: pd.Series, lower_better: bool, rng_seed: int =
             pa, pb = arm[pairs].to_numpy(float), base[pairs].to_numpy(float)
             paired = stats.ttest_rel(pa, pb)
             ci = paired.confidence_interval(CONFIDENCE)
-            out.update(n_pairs=len(pairs), paired_delta=(pa - pb).mean(), paired_ci_low=ci.low, paired_ci_high=ci.high,
-                       test="paired t", p=paired.pvalue)
+            out.update(
+                n_pairs=len(pairs),
+                paired_delta=(pa - pb).mean(),
+                paired_ci_low=ci.low,
+                paired_ci_high=ci.high,
+                test="paired t",
+                p=paired.pvalue,
+            )
             effect = TTestPower().solve_power(nobs=len(pairs), alpha=1 - CONFIDENCE, power=POWER)
             out["mde"] = effect * (pa - pb).std(ddof=1)
         else:
             out["note"] = "no seeds in common with the baseline: unpaired only"
     out["p_improvement"] = float(probability_of_improvement(a, b, lower_better))
-    boot = stats.bootstrap((a, b), lambda x, y, axis: probability_of_improvement(x, y, lower_better, axis),
-                           n_resamples=BOOTSTRAP_RESAMPLES, confidence_level=CONFIDENCE, method="percentile",
-                           random_state=np.random.default_rng(rng_seed))
+    boot = stats.bootstrap(
+        (a, b),
+        lambda x, y, axis: probability_of_improvement(x, y, lower_better, axis),
+        n_resamples=BOOTSTRAP_RESAMPLES,
+        confidence_level=CONFIDENCE,
+        method="percentile",
+        random_state=np.random.default_rng(rng_seed),
+    )
     out.update(p_improvement_ci_low=boot.confidence_interval.low, p_improvement_ci_high=boot.confidence_interval.high)
     return out
 
 
-def replication(summary: pd.DataFrame, values: dict[str, pd.Series]) -> float:
+def replication(values: dict[str, pd.Series]) -> float:
     """Spearman's rho between the arms' means over two disjoint halves of the seeds (lower and upper half
     of each arm's sorted seeds); NaN with fewer than 3 arms of at least 2 seeds."""
     halves = []
-    for arm, v in values.items():
+    for v in values.values():
         if len(v) >= 2:
             v = v.sort_index()
-            halves.append((v.iloc[: len(v) // 2].mean(), v.iloc[len(v) // 2:].mean()))
+            halves.append((v.iloc[: len(v) // 2].mean(), v.iloc[len(v) // 2 :].mean()))
     if len(halves) < 3:
         return np.nan
     first, second = zip(*halves)
@@ -137,9 +162,15 @@ def summarize(runs: pd.DataFrame, histories: pd.DataFrame, baseline: str) -> tup
         for arm, group in data_runs.groupby("arm", sort=True):
             complete = group[group["outcome"] == "complete"]
             v = values.get(arm, pd.Series(dtype=float))
-            row = {"dataset": dataset, "arm": arm, "objective": objective, "n_seeds": len(v),
-                   "mean": v.mean() if len(v) else np.nan, "std": v.std(ddof=1) if len(v) > 1 else np.nan,
-                   "values": " ".join(f"{seed:g}:{value:.6g}" for seed, value in v.items())}
+            row = {
+                "dataset": dataset,
+                "arm": arm,
+                "objective": objective,
+                "n_seeds": len(v),
+                "mean": v.mean() if len(v) else np.nan,
+                "std": v.std(ddof=1) if len(v) > 1 else np.nan,
+                "values": " ".join(f"{seed:g}:{value:.6g}" for seed, value in v.items()),
+            }
             comparison = compare(v, base, lower_better) if arm != baseline and len(v) and len(base) else {}
             row.update(comparison)
             row["delta_rel_pct"] = 100 * row["delta"] / abs(base.mean()) if comparison and base.mean() else np.nan
@@ -147,19 +178,21 @@ def summarize(runs: pd.DataFrame, histories: pd.DataFrame, baseline: str) -> tup
                 row["note"] = "no completed run with the objective"
             elif arm != baseline and not len(base):
                 row["note"] = f"no completed '{baseline}' runs to compare with"
-            row.update({
-                "params": pd.to_numeric(group["param:model.parameters"], errors="coerce").max(),
-                "img_per_s": complete.get("metric:train/img_per_s", pd.Series(dtype=float)).mean(),
-                "peak_mem_gb": complete.get("metric:train/peak_mem_gb", pd.Series(dtype=float)).mean(),
-                "images_seen": steps.reindex(complete["run_id"]).mean(),
-                "wall_s": (group["end"] - group["start"]).dt.total_seconds().sum(),
-                "n_pruned": int((group["outcome"] == "pruned").sum()),
-                "n_over_budget": int((group["outcome"] == "over_budget").sum()),
-                "n_failed": int((group["outcome"] == "failed").sum()),
-                "device": ", ".join(sorted(group["tag:device"].dropna().unique())),
-                "precision": ", ".join(sorted(group["tag:precision"].dropna().unique())),
-                "run_ids": " ".join(group["run_id"]),
-            })
+            row.update(
+                {
+                    "params": pd.to_numeric(group["param:model.parameters"], errors="coerce").max(),
+                    "img_per_s": complete.get("metric:train/img_per_s", pd.Series(dtype=float)).mean(),
+                    "peak_mem_gb": complete.get("metric:train/peak_mem_gb", pd.Series(dtype=float)).mean(),
+                    "images_seen": steps.reindex(complete["run_id"]).mean(),
+                    "wall_s": (group["end"] - group["start"]).dt.total_seconds().sum(),
+                    "n_pruned": int((group["outcome"] == "pruned").sum()),
+                    "n_over_budget": int((group["outcome"] == "over_budget").sum()),
+                    "n_failed": int((group["outcome"] == "failed").sum()),
+                    "device": ", ".join(sorted(group["tag:device"].dropna().unique())),
+                    "precision": ", ".join(sorted(group["tag:precision"].dropna().unique())),
+                    "run_ids": " ".join(group["run_id"]),
+                }
+            )
             dataset_rows.append(row)
         frame = pd.DataFrame(dataset_rows)
         frame["p_holm"], frame["significant"] = np.nan, False
@@ -168,11 +201,34 @@ def summarize(runs: pd.DataFrame, histories: pd.DataFrame, baseline: str) -> tup
             reject, adjusted, _, _ = multipletests(frame.loc[tested, "p"], alpha=1 - CONFIDENCE, method="holm")
             frame.loc[tested, "p_holm"], frame.loc[tested, "significant"] = adjusted, reject
         rows.append(frame)
-        rho[dataset] = replication(frame, values)
+        rho[dataset] = replication(values)
     summary = pd.concat(rows, ignore_index=True)
-    first = ["dataset", "arm", "objective", "n_seeds", "mean", "std", "delta", "delta_rel_pct", "n_pairs",
-             "paired_delta", "paired_ci_low", "paired_ci_high", "welch_ci_low", "welch_ci_high", "test", "p", "p_holm",
-             "significant", "p_improvement", "p_improvement_ci_low", "p_improvement_ci_high", "mde", "note", "values"]
+    first = [
+        "dataset",
+        "arm",
+        "objective",
+        "n_seeds",
+        "mean",
+        "std",
+        "delta",
+        "delta_rel_pct",
+        "n_pairs",
+        "paired_delta",
+        "paired_ci_low",
+        "paired_ci_high",
+        "welch_ci_low",
+        "welch_ci_high",
+        "test",
+        "p",
+        "p_holm",
+        "significant",
+        "p_improvement",
+        "p_improvement_ci_low",
+        "p_improvement_ci_high",
+        "mde",
+        "note",
+        "values",
+    ]
     summary = summary.reindex(columns=first + [c for c in summary.columns if c not in first])
     return summary, rho
 
@@ -197,23 +253,33 @@ def findings(summary: pd.DataFrame, baseline: str, rho: dict[str, float]) -> lis
             out.append(f"{name}: {change}, {seeds}; no test ({row['note']}): anecdotal ({better} is better).")
             continue
         paired = row["test"] == "paired t"
-        low, high = (row["paired_ci_low"], row["paired_ci_high"]) if paired else (row["welch_ci_low"], row["welch_ci_high"])
+        low, high = (
+            (row["paired_ci_low"], row["paired_ci_high"]) if paired else (row["welch_ci_low"], row["welch_ci_high"])
+        )
         interval = f"{row['test']} 95% CI [{low:+.3g}, {high:+.3g}], Holm p = {row['p_holm']:.2g}"
         if row["significant"]:
             verdict = "better" if (row["delta"] < 0) == (better == "lower") else "worse"
-            out.append(f"{name}: {verdict} than {baseline}: {change} ({interval}), {seeds}; P(improvement) = "
-                       f"{row['p_improvement']:.2f} [{row['p_improvement_ci_low']:.2f}, "
-                       f"{row['p_improvement_ci_high']:.2f}] ({better} is better).")
+            out.append(
+                f"{name}: {verdict} than {baseline}: {change} ({interval}), {seeds}; P(improvement) = "
+                f"{row['p_improvement']:.2f} [{row['p_improvement_ci_low']:.2f}, "
+                f"{row['p_improvement_ci_high']:.2f}] ({better} is better)."
+            )
         else:
-            out.append(f"{name}: no clear difference at {seeds}: {change} ({interval}); the smallest difference these "
-                       f"seeds could detect (80% power) is {row['mde']:.3g}.")
+            out.append(
+                f"{name}: no clear difference at {seeds}: {change} ({interval}); the smallest difference these "
+                f"seeds could detect (80% power) is {row['mde']:.3g}."
+            )
     for dataset, r in rho.items():
         if np.isnan(r):
             out.append(f"Replication ({dataset}): too few arms with two or more seeds to compare two halves of them.")
         elif r < REPLICATION_RHO:
-            out.append(f"Replication ({dataset}): the arms' ranking over one half of the seeds against the other has "
-                       f"Spearman rho = {r:.2f} (< {REPLICATION_RHO}): at this budget the ranking is mostly noise.")
+            out.append(
+                f"Replication ({dataset}): the arms' ranking over one half of the seeds against the other has "
+                f"Spearman rho = {r:.2f} (< {REPLICATION_RHO}): at this budget the ranking is mostly noise."
+            )
         else:
-            out.append(f"Replication ({dataset}): the arms' ranking over one half of the seeds against the other has "
-                       f"Spearman rho = {r:.2f}: it replicates.")
+            out.append(
+                f"Replication ({dataset}): the arms' ranking over one half of the seeds against the other has "
+                f"Spearman rho = {r:.2f}: it replicates."
+            )
     return out

@@ -34,8 +34,10 @@ def main() -> None:
         make_experiment(mlflow.MlflowClient(uri), "bench", arms, grids=True, evals=10, loss_points=200)
         made = time.perf_counter() - start
         result = build("bench", Path(tmp) / "out", "baseline")
-        print(f"store of {result['runs']} runs (200 loss points and 10 evaluations each) made in {made:.1f} s; "
-              f"report built in {result['seconds']:.1f} s ({result['pages']} PDF pages); target <= 30 s")
+        print(
+            f"store of {result['runs']} runs (200 loss points and 10 evaluations each) made in {made:.1f} s; "
+            f"report built in {result['seconds']:.1f} s ({result['pages']} PDF pages); target <= 30 s"
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Build the ablation report of an MLflow experiment: DIR/report.html, DIR/report.pdf and DIR/summary.csv.
 
-    python reports/build.py [--experiment NAME] [--out DIR] [--baseline ARM] [--tracking-uri URI]
+python reports/build.py [--experiment NAME] [--out DIR] [--baseline ARM] [--tracking-uri URI]
 """
 
 from __future__ import annotations
@@ -14,23 +14,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from liquid_diffusion.cli import DEFAULT_EXPERIMENT, OneLineParser, run_command  # noqa: E402
 from liquid_diffusion.config import ConfigError  # noqa: E402
-
-DEFAULT_EXPERIMENT = "liquid-diffusion"
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="build.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("report"), help="output folder (default: %(default)s)")
-    parser.add_argument("--baseline", default="baseline", help="the arm others are compared with (default: %(default)s)")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
-                                                             "sqlite:///mlflow.db)")
+    parser.add_argument(
+        "--baseline", default="baseline", help="the arm others are compared with (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
+    )
     return parser
 
 
@@ -47,6 +46,7 @@ def _interval(low: float, high: float) -> str:
 
 def _comparison_columns(rows, baseline: str) -> dict[str, list[str]]:
     """The arm-vs-baseline columns of the results table, as text; '*' marks what survives Holm's correction."""
+
     def delta(row):
         if row["delta"] != row["delta"]:
             return row["note"] or "—"
@@ -57,9 +57,10 @@ def _comparison_columns(rows, baseline: str) -> dict[str, list[str]]:
         "paired 95% CI": [_interval(lo, hi) for lo, hi in zip(rows["paired_ci_low"], rows["paired_ci_high"])],
         "Welch 95% CI": [_interval(lo, hi) for lo, hi in zip(rows["welch_ci_low"], rows["welch_ci_high"])],
         "Holm p": [f"{p:.2g}" if p == p else "—" for p in rows["p_holm"]],
-        "P(improvement) [95% CI]": [f"{p:.2f} [{lo:.2f}, {hi:.2f}]" if p == p else "—" for p, lo, hi in
-                                    zip(rows["p_improvement"], rows["p_improvement_ci_low"],
-                                        rows["p_improvement_ci_high"])],
+        "P(improvement) [95% CI]": [
+            f"{p:.2f} [{lo:.2f}, {hi:.2f}]" if p == p else "—"
+            for p, lo, hi in zip(rows["p_improvement"], rows["p_improvement_ci_low"], rows["p_improvement_ci_high"])
+        ],
         "MDE (80%)": [f"{m:.3g}" if m == m else "—" for m in rows["mde"]],
     }
 
@@ -89,23 +90,32 @@ def build(experiment: str, out: Path, baseline: str) -> dict:
         objective = summary.loc[summary["dataset"] == dataset, "objective"].iloc[0]
         first = group.iloc[0]
         weights = group["tag:weights"].dropna().unique()
-        space = ("Inception weights: " + ", ".join(weights).upper() if len(weights) else
-                 "digit-classifier feature space (not FID)" if "digits" in objective or "confident" in objective
-                 or "entropy" in objective else "")
-        protocol.append(f"{dataset}: objective {objective or '—'}, N = {first['param:eval.n']}, N_ref = "
-                        f"{first['param:eval.n_ref']} ({first['param:eval.reference']}; reference set "
-                        f"{first['tag:eval.reference_set']}), {first['param:train.sample_steps']} Euler steps from the "
-                        f"EMA weights; {space}")
+        space = (
+            "Inception weights: " + ", ".join(weights).upper()
+            if len(weights)
+            else "digit-classifier feature space (not FID)"
+            if "digits" in objective or "confident" in objective or "entropy" in objective
+            else ""
+        )
+        protocol.append(
+            f"{dataset}: objective {objective or '—'}, N = {first['param:eval.n']}, N_ref = "
+            f"{first['param:eval.n_ref']} ({first['param:eval.reference']}; reference set "
+            f"{first['tag:eval.reference_set']}), {first['param:train.sample_steps']} Euler steps from the "
+            f"EMA weights; {space}"
+        )
     versions = "; ".join(sorted(runs["tag:versions"].dropna().unique())) or "not recorded"
     commits = ", ".join(sorted(runs["tag:git.commit"].dropna().unique())) or "not recorded"
-    header = Section("Protocol", [
-        f"Experiment '{experiment}' ({uri}); {len(runs)} finished trial runs.",
-        f"Datasets: {', '.join(sorted(runs['dataset'].unique()))}. Budget profiles: "
-        f"{', '.join(sorted(runs['tag:budget'].dropna().unique()))}. Baseline arm: {baseline}.",
-        *[f"Evaluation, {line}" for line in protocol],
-        f"Software: {versions}. Git commit(s): {commits}.",
-        f"Runs from {runs['start'].min():%Y-%m-%d %H:%M} to {runs['end'].max():%Y-%m-%d %H:%M} UTC.",
-    ])
+    header = Section(
+        "Protocol",
+        [
+            f"Experiment '{experiment}' ({uri}); {len(runs)} finished trial runs.",
+            f"Datasets: {', '.join(sorted(runs['dataset'].unique()))}. Budget profiles: "
+            f"{', '.join(sorted(runs['tag:budget'].dropna().unique()))}. Baseline arm: {baseline}.",
+            *[f"Evaluation, {line}" for line in protocol],
+            f"Software: {versions}. Git commit(s): {commits}.",
+            f"Runs from {runs['start'].min():%Y-%m-%d %H:%M} to {runs['end'].max():%Y-%m-%d %H:%M} UTC.",
+        ],
+    )
     found = Section("Findings", findings(summary, baseline, rho))
     found.paragraphs.append(
         "How to read them: Δ is the arm's mean minus the baseline's, on each run's final objective. The same seed "
@@ -115,29 +125,42 @@ def build(experiment: str, out: Path, baseline: str) -> dict:
         "below 0.05. P(improvement) is the chance a run of the arm beats a run of the baseline, with a percentile "
         "bootstrap CI. MDE is the smallest difference the test detects with 80% power at the observed spread and "
         "seed count (alpha 0.05, before Holm). Replication: Spearman's rho between the arms' means over the lower "
-        "and the upper half of each arm's seeds.")
+        "and the upper half of each arm's seeds."
+    )
 
     # --- per dataset ---------------------------------------------------------------------------
     sections = [header, found]
     for dataset, rows in summary.groupby("dataset"):
         objective = rows["objective"].iloc[0]
-        table = pd.DataFrame({
-            "arm": rows["arm"], "objective": objective,
-            "mean ± std": [f"{m:.4g} ± {s:.2g}" if s == s else (f"{m:.4g}" if m == m else "—")
-                           for m, s in zip(rows["mean"], rows["std"])],
-            "seeds": rows["n_seeds"], **_comparison_columns(rows, baseline),
-            "params (M)": rows["params"] / 1e6, "train img/s": rows["img_per_s"], "peak mem (GB)": rows["peak_mem_gb"],
-            "images seen": rows["images_seen"],
-            "links": [_links(r, uri, data.experiment.experiment_id) for r in rows["run_ids"]],
-        })
+        table = pd.DataFrame(
+            {
+                "arm": rows["arm"],
+                "objective": objective,
+                "mean ± std": [
+                    f"{m:.4g} ± {s:.2g}" if s == s else (f"{m:.4g}" if m == m else "—")
+                    for m, s in zip(rows["mean"], rows["std"])
+                ],
+                "seeds": rows["n_seeds"],
+                **_comparison_columns(rows, baseline),
+                "params (M)": rows["params"] / 1e6,
+                "train img/s": rows["img_per_s"],
+                "peak mem (GB)": rows["peak_mem_gb"],
+                "images seen": rows["images_seen"],
+                "links": [_links(r, uri, data.experiment.experiment_id) for r in rows["run_ids"]],
+            }
+        )
         done = runs[(runs["dataset"] == dataset) & (runs["outcome"] == "complete")]
         grids = {}
         for arm, group in done.groupby("arm"):
             png = last_sample_grid(group.sort_values("seed")["run_id"].iloc[0])
             if png:
                 grids[arm] = png
-        figures = [forest(summary, dataset, baseline), seed_points(summary, dataset),
-                   curves(done, histories, dataset, objective), loss_per_t_bin(done, dataset)]
+        figures = [
+            forest(summary, dataset, baseline),
+            seed_points(summary, dataset),
+            curves(done, histories, dataset, objective),
+            loss_per_t_bin(done, dataset),
+        ]
         if grids:
             figures.append(sample_grids(grids, dataset))
         sections.append(Section(f"Results: {dataset}", [], table, figures))
@@ -145,21 +168,45 @@ def build(experiment: str, out: Path, baseline: str) -> dict:
     # --- budget and untidy data ---------------------------------------------------------------
     budget = summary[["dataset", "arm", "wall_s", "images_seen", "device", "precision", "n_seeds"]].copy()
     budget["wall (min)"] = budget.pop("wall_s") / 60
-    total = pd.DataFrame([{"dataset": "total", "arm": "", "wall (min)": budget["wall (min)"].sum(),
-                           "images_seen": (summary["images_seen"] * summary["n_seeds"]).sum(), "device": "",
-                           "precision": "", "n_seeds": budget["n_seeds"].sum()}])
-    sections.append(Section("Budget accounting", ["Wall time is each run's start to end, summed; images seen are "
-                                                  "per completed run (the total multiplies by seeds)."],
-                            pd.concat([budget, total], ignore_index=True)))
+    total = pd.DataFrame(
+        [
+            {
+                "dataset": "total",
+                "arm": "",
+                "wall (min)": budget["wall (min)"].sum(),
+                "images_seen": (summary["images_seen"] * summary["n_seeds"]).sum(),
+                "device": "",
+                "precision": "",
+                "n_seeds": budget["n_seeds"].sum(),
+            }
+        ]
+    )
+    sections.append(
+        Section(
+            "Budget accounting",
+            [
+                "Wall time is each run's start to end, summed; images seen are "
+                "per completed run (the total multiplies by seeds)."
+            ],
+            pd.concat([budget, total], ignore_index=True),
+        )
+    )
     left = runs[runs["outcome"] != "complete"]
-    notes = [f"{len(data.running)} RUNNING run(s) left out: " + ", ".join(
-        f"{r['arm']} seed {r['tag:seed']} ({r['run_id'][:8]})" for _, r in data.running.iterrows())
-        if len(data.running) else "No RUNNING runs."]
-    notes.append("Not completed: " + ", ".join(f"{k} {v}" for k, v in left["outcome"].value_counts().items())
-                 if len(left) else "Every finished run completed.")
+    notes = [
+        f"{len(data.running)} RUNNING run(s) left out: "
+        + ", ".join(f"{r['arm']} seed {r['tag:seed']} ({r['run_id'][:8]})" for _, r in data.running.iterrows())
+        if len(data.running)
+        else "No RUNNING runs."
+    ]
+    notes.append(
+        "Not completed: " + ", ".join(f"{k} {v}" for k, v in left["outcome"].value_counts().items())
+        if len(left)
+        else "Every finished run completed."
+    )
     notes += [f"Arm {r['arm']} ({r['dataset']}): {r['note']}." for _, r in summary.iterrows() if r["note"]]
     listing = left[["arm", "dataset", "tag:seed", "outcome", "tag:reason", "run_id"]].rename(
-        columns={"tag:seed": "seed", "tag:reason": "reason"})
+        columns={"tag:seed": "seed", "tag:reason": "reason"}
+    )
     sections.append(Section("Left out", notes, listing))
 
     # --- write: into temporary names, then renamed, so a crash leaves no half-written report ---
@@ -180,15 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
     result = build(args.experiment, args.out, args.baseline)
-    print(f"report of {result['runs']} runs in {result['seconds']:.1f} s: {args.out / 'report.html'}, "
-          f"{args.out / 'report.pdf'} ({result['pages']} pages), {args.out / 'summary.csv'}")
+    print(
+        f"report of {result['runs']} runs in {result['seconds']:.1f} s: {args.out / 'report.html'}, "
+        f"{args.out / 'report.pdf'} ({result['pages']} pages), {args.out / 'summary.csv'}"
+    )
     return 0
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    try:
-        sys.exit(main())
-    except ConfigError as err:
-        print(f"build.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_command(main, "build.py", "no report was written"))

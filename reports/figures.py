@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
-T_BINS = 10
+from liquid_diffusion.config import T_BINS, loss_bin_key  # noqa: E402
 
 
 def _by_arm(runs: pd.DataFrame, histories: pd.DataFrame, key: str) -> dict[str, pd.DataFrame]:
@@ -20,8 +20,9 @@ def _by_arm(runs: pd.DataFrame, histories: pd.DataFrame, key: str) -> dict[str, 
     out = {}
     points = histories[histories["key"] == key]
     for arm, group in runs.groupby("arm", sort=True):
-        table = points[points["run_id"].isin(group["run_id"])].pivot_table(index="step", columns="run_id",
-                                                                           values="value", aggfunc="last")
+        table = points[points["run_id"].isin(group["run_id"])].pivot_table(
+            index="step", columns="run_id", values="value", aggfunc="last"
+        )
         if not table.empty:
             out[arm] = table
     return out
@@ -31,15 +32,16 @@ def curves(runs: pd.DataFrame, histories: pd.DataFrame, dataset: str, objective:
     """Objective vs images seen (mean over seeds, band = min to max) and the training loss, per arm."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for arm, table in _by_arm(runs, histories, objective).items():
-        line, = left.plot(table.index, table.mean(axis=1), marker="o", ms=3, label=f"{arm} ({table.shape[1]})")
+        (line,) = left.plot(table.index, table.mean(axis=1), marker="o", ms=3, label=f"{arm} ({table.shape[1]})")
         if table.shape[1] > 1:
             left.fill_between(table.index, table.min(axis=1), table.max(axis=1), color=line.get_color(), alpha=0.2)
     left.set(title=f"{dataset}: {objective} (band: min to max over seeds)", xlabel="training images", ylabel=objective)
     for arm, table in _by_arm(runs, histories, "train/loss").items():
         smooth = table.mean(axis=1).rolling(5, min_periods=1).mean()
         right.plot(table.index, smooth, label=arm)
-    right.set(title=f"{dataset}: training loss (mean over seeds)", xlabel="training images", ylabel="train/loss",
-              yscale="log")
+    right.set(
+        title=f"{dataset}: training loss (mean over seeds)", xlabel="training images", ylabel="train/loss", yscale="log"
+    )
     for ax in (left, right):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -53,11 +55,14 @@ def loss_per_t_bin(runs: pd.DataFrame, dataset: str) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(11, 3.5))
     centres = (np.arange(T_BINS) + 0.5) / T_BINS
     for arm, group in runs.groupby("arm", sort=True):
-        columns = [f"metric:train/loss_bin{i}" for i in range(T_BINS)]
+        columns = [f"metric:{loss_bin_key(i)}" for i in range(T_BINS)]
         values = [group[c].mean() if c in group else np.nan for c in columns]
         ax.plot(centres, values, marker="o", ms=3, label=arm)
-    ax.set(title=f"{dataset}: loss per t-bin at the end of training", xlabel="t (0 = data, 1 = noise)",
-           ylabel="train/loss_bin")
+    ax.set(
+        title=f"{dataset}: loss per t-bin at the end of training",
+        xlabel="t (0 = data, 1 = noise)",
+        ylabel="train/loss_bin",
+    )
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, ncol=4)
@@ -77,8 +82,10 @@ def seed_points(summary: pd.DataFrame, dataset: str) -> plt.Figure:
             ax.plot(float(value), y, "o", ms=5, color=colours(int(float(seed)) % 10), alpha=0.8)
         ax.plot(row["mean"], y, "|", ms=18, mew=2, color="black")
     ax.set_yticks(range(len(rows)), rows["arm"])
-    ax.set(title=f"{dataset}: final {rows['objective'].iloc[0] if len(rows) else ''} per seed (colour = seed, "
-                 f"bar = mean)", xlabel=rows["objective"].iloc[0] if len(rows) else "")
+    ax.set(
+        title=f"{dataset}: final {rows['objective'].iloc[0] if len(rows) else ''} per seed (colour = seed, bar = mean)",
+        xlabel=rows["objective"].iloc[0] if len(rows) else "",
+    )
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     return fig
@@ -97,8 +104,10 @@ def forest(summary: pd.DataFrame, dataset: str, baseline: str) -> plt.Figure:
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(range(len(rows)), rows["arm"])
     objective = rows["objective"].iloc[0] if len(rows) else ""
-    ax.set(title=f"{dataset}: Δ {objective} vs {baseline} (thick: paired 95% CI, thin: Welch; filled: Holm p < 0.05)",
-           xlabel=f"arm − {baseline}")
+    ax.set(
+        title=f"{dataset}: Δ {objective} vs {baseline} (thick: paired 95% CI, thin: Welch; filled: Holm p < 0.05)",
+        xlabel=f"arm − {baseline}",
+    )
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     return fig

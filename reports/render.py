@@ -42,8 +42,10 @@ def _cell(value) -> str:
 
 
 def _table_html(table: pd.DataFrame) -> str:
-    head = "".join(f'<th class="left">{html.escape(c)}</th>' if i < 2 else f"<th>{html.escape(c)}</th>"
-                   for i, c in enumerate(table.columns))
+    head = "".join(
+        f'<th class="left">{html.escape(c)}</th>' if i < 2 else f"<th>{html.escape(c)}</th>"
+        for i, c in enumerate(table.columns)
+    )
     rows = []
     for _, row in table.iterrows():
         cells = []
@@ -56,8 +58,10 @@ def _table_html(table: pd.DataFrame) -> str:
 
 
 def write_html(path: Path, title: str, sections: list[Section]) -> None:
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+    ]
     for section in sections:
         parts.append(f"<h2>{html.escape(section.title)}</h2>")
         parts.extend(f"<p>{html.escape(p)}</p>" for p in section.paragraphs)

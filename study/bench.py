@@ -47,9 +47,16 @@ def matched_unet(target: int, channels: int, resolution: int, attention: bool) -
     def build(width: int, mult: tuple[int, ...]) -> UNet2DModel:
         down = ("DownBlock2D",) + (("AttnDownBlock2D",) if attention else ("DownBlock2D",)) * 2
         up = (("AttnUpBlock2D",) if attention else ("UpBlock2D",)) * 2 + ("UpBlock2D",)
-        return UNet2DModel(sample_size=resolution, in_channels=channels, out_channels=channels, layers_per_block=2,
-                           block_out_channels=tuple(width * m for m in mult), down_block_types=down, up_block_types=up,
-                           norm_num_groups=math.gcd(32, width))
+        return UNet2DModel(
+            sample_size=resolution,
+            in_channels=channels,
+            out_channels=channels,
+            layers_per_block=2,
+            block_out_channels=tuple(width * m for m in mult),
+            down_block_types=down,
+            up_block_types=up,
+            norm_num_groups=math.gcd(32, width),
+        )
 
     options = []
     with torch.device("meta"):
@@ -79,7 +86,9 @@ def candidates(presets: list[str], channels: int, resolution: int, compile_: boo
                 out.append(Candidate(f"reference-{preset}", reference, count(reference), reference))
                 if compile_:
                     compiled = LiquidUNet(cfg)
-                    out.append(Candidate(f"liquid-{preset}-compiled", compiled, count(compiled), torch.compile(compiled)))
+                    out.append(
+                        Candidate(f"liquid-{preset}-compiled", compiled, count(compiled), torch.compile(compiled))
+                    )
     target = out[0].params  # the first preset's baseline LiquidUNet
     for attention in (True, False):
         unet = matched_unet(target, channels, resolution, attention)
@@ -102,8 +111,9 @@ def time_sampling(c: Candidate, noise: torch.Tensor, steps: int) -> float:
     return time.perf_counter() - start
 
 
-def precision_throughput(preset: str, shape: tuple[int, ...], precision: str, device: torch.device, reps: int,
-                         sample_steps: int) -> dict[str, float]:
+def precision_throughput(
+    preset: str, shape: tuple[int, ...], precision: str, device: torch.device, reps: int, sample_steps: int
+) -> dict[str, float]:
     """Train and sample img/s of the baseline LiquidUNet under one precision, and the peak CUDA memory.
 
     The training step is the trainer's: autocast, and a GradScaler for fp16. Repetitions run back
@@ -147,12 +157,16 @@ def precision_throughput(preset: str, shape: tuple[int, ...], precision: str, de
     train_times = [train_step() for _ in range(reps)]
     sample_times = [sample() for _ in range(reps)]
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    return {"train_img_s": shape[0] / statistics.median(train_times),
-            "sample_img_s": shape[0] / statistics.median(sample_times), "peak_mem_gb": peak}
+    return {
+        "train_img_s": shape[0] / statistics.median(train_times),
+        "sample_img_s": shape[0] / statistics.median(sample_times),
+        "peak_mem_gb": peak,
+    }
 
 
-def print_precision_table(cases: list[tuple[str, tuple[int, ...]]], precisions: list[str], device: torch.device,
-                          reps: int, sample_steps: int) -> dict[str, dict[str, float]]:
+def print_precision_table(
+    cases: list[tuple[str, tuple[int, ...]]], precisions: list[str], device: torch.device, reps: int, sample_steps: int
+) -> dict[str, dict[str, float]]:
     """fp32 against the mixed precisions for each (preset, shape), with the ratios to fp32."""
     rows = {}
     print(f"\nprecision on {device} (baseline LiquidUNet; ratio = img/s over fp32 img/s):")
@@ -163,9 +177,12 @@ def print_precision_table(cases: list[tuple[str, tuple[int, ...]]], precisions: 
             row = precision_throughput(preset, shape, precision, device, reps, sample_steps)
             rows[f"{case}/{precision}"] = row
             base = rows[f"{case}/fp32"]
-            print(f"{preset:<8}{'x'.join(map(str, shape)):<14}{precision:<10}{row['train_img_s']:>12.1f}"
-                  f"{row['train_img_s'] / base['train_img_s']:>6.2f}x{row['sample_img_s']:>14.2f}"
-                  f"{row['sample_img_s'] / base['sample_img_s']:>6.2f}x", flush=True)
+            print(
+                f"{preset:<8}{'x'.join(map(str, shape)):<14}{precision:<10}{row['train_img_s']:>12.1f}"
+                f"{row['train_img_s'] / base['train_img_s']:>6.2f}x{row['sample_img_s']:>14.2f}"
+                f"{row['sample_img_s'] / base['sample_img_s']:>6.2f}x",
+                flush=True,
+            )
     return rows
 
 
@@ -179,7 +196,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sample-steps", type=int, default=25)
     parser.add_argument("--mlflow", action="store_true", help="log the table to MLflow, experiment 'bench'")
     parser.add_argument("--profile", action="store_true", help="print where a LiquidUNet training step spends its time")
-    parser.add_argument("--compile", action="store_true", help="also measure torch.compile'd LiquidUNet (compiles first)")
+    parser.add_argument(
+        "--compile", action="store_true", help="also measure torch.compile'd LiquidUNet (compiles first)"
+    )
     args = parser.parse_args(argv)
     if args.reps < 5:
         parser.exit(2, "bench.py: error: --reps must be >= 5 (the median of at least five)\n")
@@ -189,10 +208,17 @@ def main(argv=None) -> int:
 
     shape = (args.batch, args.channels, args.resolution, args.resolution)
     gen = torch.Generator().manual_seed(0)
-    x, noise, t = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen), torch.rand(args.batch, generator=gen)
+    x, noise, t = (
+        torch.randn(shape, generator=gen),
+        torch.randn(shape, generator=gen),
+        torch.rand(args.batch, generator=gen),
+    )
     pool = candidates(presets, args.channels, args.resolution, args.compile)
-    print(f"shape {shape}, fp32, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"median of {args.reps} interleaved repetitions after one warm-up", flush=True)
+    print(
+        f"shape {shape}, fp32, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"median of {args.reps} interleaved repetitions after one warm-up",
+        flush=True,
+    )
     for c in pool:  # warm-up: allocator, oneDNN primitive caches
         time_train_step(c, x, noise, t)
         time_sampling(c, noise, 2)
@@ -201,8 +227,14 @@ def main(argv=None) -> int:
             c.train_times.append(time_train_step(c, x, noise, t))
             c.sample_times.append(time_sampling(c, noise, args.sample_steps))
 
-    rows = {c.name: (c.params, args.batch / statistics.median(c.train_times), args.batch / statistics.median(c.sample_times))
-            for c in pool}
+    rows = {
+        c.name: (
+            c.params,
+            args.batch / statistics.median(c.train_times),
+            args.batch / statistics.median(c.sample_times),
+        )
+        for c in pool
+    }
     print(f"\n{'model':<26}{'params':>10}{'train img/s':>14}{'sample img/s':>15}")
     for name, (params, train, sample) in rows.items():
         print(f"{name:<26}{params / 1e6:>9.2f}M{train:>14.1f}{sample:>15.2f}")
@@ -235,10 +267,19 @@ def main(argv=None) -> int:
 
         mlflow.set_experiment("bench")
         with mlflow.start_run(run_name="quick" if args.quick else "full"):
-            mlflow.log_params({"shape": "x".join(map(str, shape)), "threads": torch.get_num_threads(),
-                               "torch": torch.__version__, "reps": args.reps, "sample_steps": args.sample_steps})
+            mlflow.log_params(
+                {
+                    "shape": "x".join(map(str, shape)),
+                    "threads": torch.get_num_threads(),
+                    "torch": torch.__version__,
+                    "reps": args.reps,
+                    "sample_steps": args.sample_steps,
+                }
+            )
             for name, (params, train, sample) in rows.items():
-                mlflow.log_metrics({f"{name}/params": params, f"{name}/train_img_s": train, f"{name}/sample_img_s": sample})
+                mlflow.log_metrics(
+                    {f"{name}/params": params, f"{name}/train_img_s": train, f"{name}/sample_img_s": sample}
+                )
             mlflow.log_metrics(ratios)
     return 0
 

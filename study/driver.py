@@ -33,6 +33,7 @@ from optuna.trial import TrialState
 from liquid_diffusion.config import ConfigError, ExperimentConfig
 from liquid_diffusion.data import open_source
 from liquid_diffusion.evaluate import objective_key
+from liquid_diffusion.outcomes import OUTCOMES
 from liquid_diffusion.train import Pruned
 
 from .plans import StudyPlan
@@ -75,8 +76,9 @@ class Book:
         status of ours at all: its worker died without a word, and the heartbeat or a rerun on the
         same machine failed it. A result (over budget, non-finite loss) always carries a status.
         """
-        return trial.state == TrialState.FAIL and (bool(trial.user_attrs.get("resumable"))
-                                                   or "status" not in trial.user_attrs)
+        return trial.state == TrialState.FAIL and (
+            bool(trial.user_attrs.get("resumable")) or "status" not in trial.user_attrs
+        )
 
     def to_requeue(self) -> list:
         """Unfinished trials with no later attempt: a rerun of the command queues them again.
@@ -151,8 +153,19 @@ def heartbeat(storage, trial_id: int):
 
 
 class Driver:
-    def __init__(self, storage, storage_url: str, out: Path, device: str, cache_dir: Path | None, progress: bool,
-                 weights=None, echo=print, worker_number: int = 0, compile: bool = False):
+    def __init__(
+        self,
+        storage,
+        storage_url: str,
+        out: Path,
+        device: str,
+        cache_dir: Path | None,
+        progress: bool,
+        weights=None,
+        echo=print,
+        worker_number: int = 0,
+        compile: bool = False,
+    ):
         self.storage, self.storage_url = storage, storage_url
         self.out, self.device, self.cache_dir, self.progress, self.weights = out, device, cache_dir, progress, weights
         self.echo = echo
@@ -188,8 +201,14 @@ class Driver:
             # because once all grid points have started, it hands a running point to the next worker.)
             sampler = optuna.samplers.RandomSampler(seed=0)
             pruner = optuna.pruners.NopPruner()  # seeds of one config are never pruned against each other
-        return optuna.create_study(study_name=plan.name, storage=self.storage, sampler=sampler, pruner=pruner,
-                                   direction=plan.direction, load_if_exists=True)
+        return optuna.create_study(
+            study_name=plan.name,
+            storage=self.storage,
+            sampler=sampler,
+            pruner=pruner,
+            direction=plan.direction,
+            load_if_exists=True,
+        )
 
     def prepare(self, plan: StudyPlan) -> optuna.Study:
         """Create or continue the study, check it is the same config, queue its work, ensure its parent run."""
@@ -198,8 +217,10 @@ class Driver:
         if digest is None:
             study.set_user_attr("config_digest", plan.digest)
         elif digest != plan.digest:
-            raise ConfigError(f"study '{plan.name}' in {redact(self.storage_url)} was run with another config "
-                              f"(digest {digest}, now {plan.digest}); use another --experiment or --storage")
+            raise ConfigError(
+                f"study '{plan.name}' in {redact(self.storage_url)} was run with another config "
+                f"(digest {digest}, now {plan.digest}); use another --experiment or --storage"
+            )
         # Dead workers' trials: those whose heartbeat stopped (RDB storages), and at once those whose
         # process on this machine is gone (any storage, journal files included).
         optuna.storages.fail_stale_trials(study)
@@ -228,12 +249,23 @@ class Driver:
                 pass  # another tracking store: make a parent there
         experiment = set_experiment(plan.experiment)
         mode = f"search over {plan.n_trials} trials" if plan.search else f"seeds {plan.seeds}"
-        tags = {"kind": "study", "study": plan.name, "ablation": plan.arm.name, "dataset": plan.dataset,
-                "budget": plan.budget, "optuna.study_name": plan.name, "optuna.storage": redact(self.storage_url),
-                "study.mode": mode, "eval.objective_metric": plan.objective, "mlflow.note.content": plan.arm.description}
+        tags = {
+            "kind": "study",
+            "study": plan.name,
+            "ablation": plan.arm.name,
+            "dataset": plan.dataset,
+            "budget": plan.budget,
+            "optuna.study_name": plan.name,
+            "optuna.storage": redact(self.storage_url),
+            "study.mode": mode,
+            "eval.objective_metric": plan.objective,
+            "mlflow.note.content": plan.arm.description,
+        }
         run = self.client.create_run(experiment.experiment_id, run_name=plan.name.split(":", 1)[1], tags=tags)
         params = {k: v for k, v in plan.base.flat().items() if k != "train.seed"}
-        self.client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
+        self.client.log_batch(
+            run.info.run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()]
+        )
         self.client.log_dict(run.info.run_id, plan.base.to_dict(), "config.yaml")
         study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
         winner = study.user_attrs.get("mlflow_parent_run_id")  # two fresh commands may race here
@@ -255,15 +287,22 @@ class Driver:
         final = book.final()
         values = [t.value for t in final if t.state == TrialState.COMPLETE and t.value is not None]
         unfinished = len(book.to_requeue())  # failed for now; a rerun resumes them
-        summary = {"study/n_complete": len(values),
-                   "study/n_pruned": sum(t.state == TrialState.PRUNED for t in final),
-                   "study/n_failed": sum(t.state == TrialState.FAIL for t in final) + unfinished,
-                   "study/n_resumable": unfinished,
-                   "study/n_over_budget": sum(t.user_attrs.get("status") == "over_budget" for t in final)}
+        summary = {
+            "study/n_complete": len(values),
+            "study/n_pruned": sum(t.state == TrialState.PRUNED for t in final),
+            "study/n_failed": sum(t.state == TrialState.FAIL for t in final) + unfinished,
+            "study/n_resumable": unfinished,
+            "study/n_over_budget": sum(t.user_attrs.get("status") == "over_budget" for t in final),
+        }
         if values:
             best = max(values) if plan.direction == "maximize" else min(values)
-            summary.update({"study/best": best, "study/mean": statistics.fmean(values),
-                            "study/std": statistics.stdev(values) if len(values) > 1 else 0.0})
+            summary.update(
+                {
+                    "study/best": best,
+                    "study/mean": statistics.fmean(values),
+                    "study/std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                }
+            )
         parent = study.user_attrs["mlflow_parent_run_id"]
         now = int(time.time() * 1000)
         self.client.log_batch(parent, metrics=[Metric(k, v, now, len(final)) for k, v in summary.items()])
@@ -326,13 +365,17 @@ class Driver:
                 if not running:
                     return
                 if not has_heartbeat(self.storage):
-                    self.echo(f"{running} trial(s) still running in other workers; this worker is done "
-                              f"(journal storage has no heartbeat to detect a dead worker)")
+                    self.echo(
+                        f"{running} trial(s) still running in other workers; this worker is done "
+                        f"(journal storage has no heartbeat to detect a dead worker)"
+                    )
                     return
                 interval = self.storage.get_heartbeat_interval()
                 if not waited:
-                    self.echo(f"waiting for {running} trial(s) running in other workers; a dead worker's trial is "
-                              f"retried here after {2 * interval} s without a heartbeat")
+                    self.echo(
+                        f"waiting for {running} trial(s) running in other workers; a dead worker's trial is "
+                        f"retried here after {2 * interval} s without a heartbeat"
+                    )
                     waited = True
                 time.sleep(min(POLL_SECONDS, interval))
 
@@ -342,9 +385,16 @@ class Driver:
         cfg = plan.config_for(seed, overrides)
         objective = objective_key(cfg, self.weights)
         label = f"{plan.arm.name} seed {seed}" + (f" trial {trial.number} {overrides}" if plan.search else "")
-        tags = {"kind": "trial", "ablation": plan.arm.name, "dataset": plan.dataset, "seed": str(seed),
-                "budget": plan.budget, "study": plan.name, "optuna.study_name": plan.name,
-                "optuna.trial_number": str(trial.number)}
+        tags = {
+            "kind": "trial",
+            "ablation": plan.arm.name,
+            "dataset": plan.dataset,
+            "seed": str(seed),
+            "budget": plan.budget,
+            "study": plan.name,
+            "optuna.study_name": plan.name,
+            "optuna.trial_number": str(trial.number),
+        }
         # A search trial gets its own folder even when TPE repeats parameters; its retries and resumes share it.
         suffix = f"-trial{root_of(study._storage.get_trial(trial._trial_id))}" if plan.search else ""
         run_dir = run_dir_for(self.out, plan.experiment, plan.arm.name, cfg, plan.budget, suffix)
@@ -359,9 +409,20 @@ class Driver:
         state, value = TrialState.FAIL, None
         try:
             with heartbeat(study._storage, trial._trial_id):
-                outcome = run_trial(cfg, tags, run_dir, plan.experiment, self.device, self.cache_dir, self.progress,
-                                    self.weights, study.user_attrs["mlflow_parent_run_id"], report,
-                                    self.source_for(cfg), self.compile)
+                outcome = run_trial(
+                    cfg,
+                    tags,
+                    run_dir,
+                    plan.experiment,
+                    self.device,
+                    self.cache_dir,
+                    self.progress,
+                    self.weights,
+                    study.user_attrs["mlflow_parent_run_id"],
+                    report,
+                    self.source_for(cfg),
+                    self.compile,
+                )
         except KeyboardInterrupt:
             trial.set_user_attr("resumable", True)
             trial.set_user_attr("reason", "interrupted")
@@ -382,11 +443,10 @@ class Driver:
         trial.set_user_attr("status", outcome.kind)
         if outcome.result is not None:
             trial.set_user_attr("resumed_from", outcome.result.resumed_from)
-        if outcome.kind == "finished":
+        state = TrialState[OUTCOMES[outcome.kind].trial_state]
+        if state == TrialState.COMPLETE:  # finished; without a finite objective it is no result
             value = self.client.get_run(outcome.run_id).data.metrics.get(objective)
             state = TrialState.COMPLETE if value is not None and math.isfinite(value) else TrialState.FAIL
-        elif outcome.kind == "pruned":
-            state = TrialState.PRUNED
         study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
         self.client.set_tag(outcome.run_id, "optuna.state", state.name)
         self.failures += state == TrialState.FAIL
@@ -397,7 +457,11 @@ class Driver:
         parent run (a rerun of the command sets it RUNNING again and resumes the work)."""
         book = Book(study)
         parent = study.user_attrs.get("mlflow_parent_run_id")
-        if parent and not self.complete(plan, study, book) and not book.of_state(TrialState.RUNNING, TrialState.WAITING):
+        if (
+            parent
+            and not self.complete(plan, study, book)
+            and not book.of_state(TrialState.RUNNING, TrialState.WAITING)
+        ):
             self.client.set_terminated(parent, "FAILED")
 
     def interrupted(self, plans: list[StudyPlan]) -> None:
@@ -409,12 +473,19 @@ class Driver:
                 self.client.set_terminated(parent, "KILLED")
 
     def report_outcome(self, outcome, state, objective_key: str, value) -> None:
-        self.echo(f"   {state.name}: MLflow run {outcome.run_id}" + (f" ({outcome.reason})" if outcome.reason else "")
-                  + (f"; {objective_key} = {value:.6g}" if value is not None else ""))
+        self.echo(
+            f"   {state.name}: MLflow run {outcome.run_id}"
+            + (f" ({outcome.reason})" if outcome.reason else "")
+            + (f"; {objective_key} = {value:.6g}" if value is not None else "")
+        )
         if outcome.result is not None:
             r, s = outcome.result, outcome.result.seconds
-            self.echo(f"   {r.images_seen} images in {r.steps} steps, final loss {r.final_loss:.4f}"
-                      + (f", resumed at {r.resumed_from} images" if r.resumed_from else ""))
-            self.echo(f"   wall time: step {s['step']:.1f}s, eval {s['eval']:.1f}s, data {s['data']:.2f}s, logging "
-                      f"{s['logging']:.2f}s, checkpoints {s['checkpoint']:.2f}s; harness overhead "
-                      f"{100 * r.overhead_fraction:.2f}% of training time (eval excluded)")
+            self.echo(
+                f"   {r.images_seen} images in {r.steps} steps, final loss {r.final_loss:.4f}"
+                + (f", resumed at {r.resumed_from} images" if r.resumed_from else "")
+            )
+            self.echo(
+                f"   wall time: step {s['step']:.1f}s, eval {s['eval']:.1f}s, data {s['data']:.2f}s, logging "
+                f"{s['logging']:.2f}s, checkpoints {s['checkpoint']:.2f}s; harness overhead "
+                f"{100 * r.overhead_fraction:.2f}% of training time (eval excluded)"
+            )

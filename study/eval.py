@@ -7,7 +7,6 @@ ended, so they never mix with the training-time `eval/` history. The run's statu
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -15,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from liquid_diffusion.cli import CACHE_DIR_HELP, OneLineParser, int_at_least, run_command  # noqa: E402
 from liquid_diffusion.config import METRICS, ConfigError, ExperimentConfig  # noqa: E402
-from study.run import OneLineParser, int_at_least  # noqa: E402
 from study.weights import add_weights_arguments, inception_weights_for  # noqa: E402
 
 
@@ -32,11 +31,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="eval.py", description=__doc__)
     parser.add_argument("--run-id", required=True, help="the MLflow run to evaluate")
     parser.add_argument("--n", type=int_at_least(2), default=None, help="generated samples (default: the run's eval.n)")
-    parser.add_argument("--metric", type=metric_list, default=None, metavar="M[,M...]",
-                        help=f"metrics to compute (default: the run's eval.metrics); valid: {', '.join(METRICS)}")
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="latent, classifier and reference-statistics cache (default: $LIQUID_DIFFUSION_CACHE "
-                             "or ~/.cache/liquid_diffusion)")
+    parser.add_argument(
+        "--metric",
+        type=metric_list,
+        default=None,
+        metavar="M[,M...]",
+        help=f"metrics to compute (default: the run's eval.metrics); valid: {', '.join(METRICS)}",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help=CACHE_DIR_HELP,
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_weights_arguments(parser)
@@ -87,9 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             ema_dir = client.download_artifacts(args.run_id, "ema", tmp)
             model = LiquidUNet.from_pretrained(ema_dir)
-        except (MlflowException, OSError, EnvironmentError):
-            raise ConfigError(f"run '{args.run_id}' has no saved EMA weights (artifact ema/); only runs that finished "
-                              f"training save them (status {run.info.status})") from None
+        except (MlflowException, OSError):
+            raise ConfigError(
+                f"run '{args.run_id}' has no saved EMA weights (artifact ema/); only runs that finished "
+                f"training save them (status {run.info.status})"
+            ) from None
     model = model.to(device).eval()
     source = open_source(cfg.data)
     codec = load_codec(cfg.data.codec, cfg.data.codec_weights).to(device)
@@ -98,8 +107,11 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     prefix = f"eval_n{evaluator.n}/"
-    scores = evaluator.evaluate(lambda noise: generate(model, codec, noise, cfg.train.sample_steps, precision, len(noise)),
-                                cfg.train.batch_size, prefix)
+    scores = evaluator.evaluate(
+        lambda noise: generate(model, codec, noise, cfg.train.sample_steps, precision, len(noise)),
+        cfg.train.batch_size,
+        prefix,
+    )
     scores[f"{prefix}seconds"] = time.perf_counter() - start
     step, now = _final_step(client, args.run_id, cfg), int(time.time() * 1000)
     client.log_batch(args.run_id, metrics=[Metric(key, value, now, step) for key, value in scores.items()])
@@ -113,19 +125,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """main() with the command line's error handling: bad input is one line on stderr and exit code 2."""
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    """main() with the command lines' error handling; argparse's usage errors return their exit code."""
     try:
-        return main(argv)
-    except ConfigError as err:
-        print(f"eval.py: error: {err}", file=sys.stderr)
-        return 2
-    except SystemExit as err:  # argparse's usage errors, already printed
+        return run_command(lambda: main(argv), "eval.py", "nothing was logged")
+    except SystemExit as err:  # a usage error, already printed in one line
         return err.code
-    except KeyboardInterrupt:
-        print("eval.py: interrupted; nothing was logged", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
-from liquid_diffusion.config import METRICS, ExperimentConfig
+from liquid_diffusion.config import METRICS, ExperimentConfig, dataset_slug
 
 from .arms import OverrideSet
 from .search import SearchSpace
@@ -29,10 +26,8 @@ class StudyPlan:
 
     @property
     def name(self) -> str:
-        data = self.dataset
-        if "/" in data:  # a folder: its name plus a digest of the absolute path
-            data = f"{Path(data).name}-{hashlib.sha256(data.encode()).hexdigest()[:8]}"
-        return f"{self.experiment}:{self.arm.name}:{data}:{self.budget}" + (":search" if self.search else "")
+        name = f"{self.experiment}:{self.arm.name}:{dataset_slug(self.dataset)}:{self.budget}"
+        return name + (":search" if self.search else "")
 
     @property
     def objective(self) -> str:
@@ -45,7 +40,7 @@ class StudyPlan:
     @property
     def digest(self) -> str:
         """Identifies the study's config; a rerun with another config must not continue the study."""
-        return hashlib.sha256(json.dumps(self.base.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        return self.base.digest()
 
     def config_for(self, seed: int, overrides: dict) -> ExperimentConfig:
         return self.base.with_overrides({**overrides, "train.seed": seed})

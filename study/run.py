@@ -19,37 +19,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import yaml  # noqa: E402
 
+from liquid_diffusion.cli import (  # noqa: E402
+    CACHE_DIR_HELP,
+    DEFAULT_EXPERIMENT,
+    OneLineParser,
+    int_at_least,
+    run_command,
+)
 from liquid_diffusion.config import ConfigError, ExperimentConfig  # noqa: E402
 from study.arms import ABLATIONS_DIR, load_arms, select_arms  # noqa: E402
 from study.budgets import BUDGETS_FILE, get_budget, load_budgets, resolve_config  # noqa: E402
 from study.search import SEARCH_SPACE_FILE  # noqa: E402
 from study.storage import HEARTBEAT_SECONDS, redact  # noqa: E402
 from study.weights import add_weights_arguments, inception_weights_for  # noqa: E402
-
-DEFAULT_EXPERIMENT = "liquid-diffusion"
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but usage errors are one line on stderr and exit 2, like every other error here."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def int_at_least(lowest: int):
-    """An argparse type: an integer >= lowest, or a one-line usage error naming the value."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < lowest:
-            raise argparse.ArgumentTypeError(f"invalid value {text!r}; expected an integer >= {lowest}")
-        return value
-
-    return parse
-
 
 non_negative_int = int_at_least(0)
 
@@ -58,36 +40,81 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="run.py", description=__doc__)
     parser.add_argument("--list", action="store_true", help="print every ablation arm with its description")
     parser.add_argument("--ablation", metavar="A[,B,...]|all", help="arm(s) to run, by file name in ablations/")
-    parser.add_argument("--dataset", default="mnist", metavar="D[,D,...]",
-                        help="mnist (embedded), afhq, celeba, flowers, pokemon, anime, cartoon, hf:owner/name, or a "
-                             "folder of images; several, comma-separated, make a cross product with the arms "
-                             "(default: %(default)s)")
-    parser.add_argument("--budget", default="cpu-demo", help="budget profile from study/budgets.yaml (default: %(default)s)")
+    parser.add_argument(
+        "--dataset",
+        default="mnist",
+        metavar="D[,D,...]",
+        help="mnist (embedded), afhq, celeba, flowers, pokemon, anime, cartoon, hf:owner/name, or a "
+        "folder of images; several, comma-separated, make a cross product with the arms "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--budget", default="cpu-demo", help="budget profile from study/budgets.yaml (default: %(default)s)"
+    )
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--seeds", type=int_at_least(1), default=None, metavar="N",
-                      help="train seeds 0..N-1 of every arm (default: 1, i.e. seed 0)")
+    mode.add_argument(
+        "--seeds",
+        type=int_at_least(1),
+        default=None,
+        metavar="N",
+        help="train seeds 0..N-1 of every arm (default: 1, i.e. seed 0)",
+    )
     mode.add_argument("--seed", type=non_negative_int, default=None, help="train this one seed")
-    mode.add_argument("--search", type=int_at_least(1), default=None, metavar="N",
-                      help="tune with TPE for N trials over the space in --search-space, pruning on the objective")
-    parser.add_argument("--search-space", type=Path, default=SEARCH_SPACE_FILE, metavar="FILE",
-                        help="YAML search space and pruner for --search (default: study/search_space.yaml)")
-    parser.add_argument("--storage", default=None, metavar="URL",
-                        help="Optuna storage shared by all workers: an SQLAlchemy URL (postgresql://...) or a journal "
-                             "file (journal:PATH or PATH.log) (default: optuna.db beside a sqlite mlflow.db)")
-    parser.add_argument("--workers", type=int_at_least(1), default=1, metavar="K",
-                        help="local worker processes that split the trials (default: %(default)s)")
-    parser.add_argument("--dry-run", action="store_true", help="print each arm's resolved config as YAML and train nothing")
-    parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=Path("outputs"), help="run folders with checkpoints (default: %(default)s)")
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="latent, classifier and reference-statistics cache (default: $LIQUID_DIFFUSION_CACHE or ~/.cache/liquid_diffusion)")
+    mode.add_argument(
+        "--search",
+        type=int_at_least(1),
+        default=None,
+        metavar="N",
+        help="tune with TPE for N trials over the space in --search-space, pruning on the objective",
+    )
+    parser.add_argument(
+        "--search-space",
+        type=Path,
+        default=SEARCH_SPACE_FILE,
+        metavar="FILE",
+        help="YAML search space and pruner for --search (default: study/search_space.yaml)",
+    )
+    parser.add_argument(
+        "--storage",
+        default=None,
+        metavar="URL",
+        help="Optuna storage shared by all workers: an SQLAlchemy URL (postgresql://...) or a journal "
+        "file (journal:PATH or PATH.log) (default: optuna.db beside a sqlite mlflow.db)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int_at_least(1),
+        default=1,
+        metavar="K",
+        help="local worker processes that split the trials (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print each arm's resolved config as YAML and train nothing"
+    )
+    parser.add_argument(
+        "--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("outputs"), help="run folders with checkpoints (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help=CACHE_DIR_HELP,
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the training forward: same results to float rounding, faster steps after "
-                             "minutes of compiling; worth it for long runs only")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the training forward: same results to float rounding, faster steps after "
+        "minutes of compiling; worth it for long runs only",
+    )
     add_weights_arguments(parser)
-    parser.add_argument("--ablations-dir", type=Path, default=ABLATIONS_DIR, help="where the arm files live (default: %(default)s)")
+    parser.add_argument(
+        "--ablations-dir", type=Path, default=ABLATIONS_DIR, help="where the arm files live (default: %(default)s)"
+    )
     parser.add_argument("--budgets-file", type=Path, default=BUDGETS_FILE, help=argparse.SUPPRESS)
     parser.add_argument("--heartbeat-seconds", type=int_at_least(1), default=HEARTBEAT_SECONDS, help=argparse.SUPPRESS)
     parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)  # child K of --workers: studies exist
@@ -98,7 +125,9 @@ class _ConfigDumper(yaml.SafeDumper):
     """Block-style mappings with short lists kept on one line, e.g. `channels: [32, 64, 128]`."""
 
 
-_ConfigDumper.add_representer(list, lambda dumper, value: dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=True))
+_ConfigDumper.add_representer(
+    list, lambda dumper, value: dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=True)
+)
 
 
 def dump_config(cfg: ExperimentConfig) -> str:
@@ -147,7 +176,6 @@ def run_workers(count: int, argv: list[str]) -> int:
 
 def train(args, argv: list[str], plans) -> int:
     import mlflow  # torch, diffusers, mlflow and optuna load only when training
-
     from optuna.trial import TrialState
 
     from liquid_diffusion.train import resolve_device
@@ -160,13 +188,24 @@ def train(args, argv: list[str], plans) -> int:
     open_tracking_store()
     for plan in plans:  # so does a run folder left by another tracking store
         for seed in plan.seeds or []:
-            existing_run_id(run_dir_for(args.out, plan.experiment, plan.arm.name, plan.config_for(seed, {}), plan.budget))
+            existing_run_id(
+                run_dir_for(args.out, plan.experiment, plan.arm.name, plan.config_for(seed, {}), plan.budget)
+            )
     weights = inception_weights_for([plan.base for plan in plans], args)  # fails here, before anything trains
     url = args.storage or default_storage_url(mlflow.get_tracking_uri())
     prefix = f"[worker {args.worker}] " if args.worker else ""
-    driver = Driver(open_storage(url, args.heartbeat_seconds), url, args.out, args.device, args.cache_dir,
-                    not args.no_progress, weights, echo=lambda line: print(prefix + line.replace("\n", "\n" + prefix), flush=True),
-                    worker_number=args.worker, compile=args.compile)
+    driver = Driver(
+        open_storage(url, args.heartbeat_seconds),
+        url,
+        args.out,
+        args.device,
+        args.cache_dir,
+        not args.no_progress,
+        weights,
+        echo=lambda line: print(prefix + line.replace("\n", "\n" + prefix), flush=True),
+        worker_number=args.worker,
+        compile=args.compile,
+    )
     for plan in plans:  # a dataset that cannot be had fails here, before any study or run exists
         driver.source_for(plan.base)
     try:
@@ -192,15 +231,24 @@ def train(args, argv: list[str], plans) -> int:
         summary = driver.summarize(plan, study)
         book = Book(study)
         failed += summary["study/n_failed"]
-        result = (f"{plan.objective} mean {summary['study/mean']:.6g} +- {summary['study/std']:.3g}, best "
-                  f"{summary['study/best']:.6g}" if "study/mean" in summary else "no completed trial")
+        result = (
+            f"{plan.objective} mean {summary['study/mean']:.6g} +- {summary['study/std']:.3g}, best "
+            f"{summary['study/best']:.6g}"
+            if "study/mean" in summary
+            else "no completed trial"
+        )
         resumable = summary["study/n_resumable"]
-        print(f"study {plan.name}: {summary['study/n_complete']:.0f} complete, {summary['study/n_pruned']:.0f} pruned, "
-              f"{summary['study/n_failed']:.0f} failed" + (f" ({resumable:.0f} resumed by rerunning this command)"
-                                                          if resumable else "")
-              + f", {len(book.of_state(TrialState.RUNNING))} running; {result}")
+        print(
+            f"study {plan.name}: {summary['study/n_complete']:.0f} complete, {summary['study/n_pruned']:.0f} pruned, "
+            f"{summary['study/n_failed']:.0f} failed"
+            + (f" ({resumable:.0f} resumed by rerunning this command)" if resumable else "")
+            + f", {len(book.of_state(TrialState.RUNNING))} running; {result}"
+        )
         driver.close(plan, study)
-    print(f"\nOptuna storage: {redact(url)}\nOpen the runs with:  mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}")
+    print(
+        f"\nOptuna storage: {redact(url)}\n"
+        f"Open the runs with:  mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}"
+    )
     return 1 if failed else 0
 
 
@@ -218,10 +266,19 @@ def build_plans(args, arms, budget) -> list:
     for dataset in datasets:
         for arm in selected:
             base = resolve_config(arm, budget, dataset, seeds[0] if not args.search else (args.seed or 0))
-            plans.append(StudyPlan(arm, base.data.dataset, args.budget, base, args.experiment,
-                                   seeds=None if args.search else seeds,
-                                   search=space.for_budget(base) if space else None,
-                                   n_trials=args.search or 0, search_seed=args.seed or 0))
+            plans.append(
+                StudyPlan(
+                    arm,
+                    base.data.dataset,
+                    args.budget,
+                    base,
+                    args.experiment,
+                    seeds=None if args.search else seeds,
+                    search=space.for_budget(base) if space else None,
+                    n_trials=args.search or 0,
+                    search_seed=args.seed or 0,
+                )
+            )
     return plans
 
 
@@ -242,25 +299,16 @@ def main(argv: list[str] | None = None) -> int:
         for i, plan in enumerate(plans):
             metrics, objective = plan.base.eval_metrics
             mode = f"search, {plan.n_trials} trials" if plan.search else f"seeds {plan.seeds}"
-            print(("---\n" if i else "") + f"# study: {plan.name} ({mode})\n# arm: {plan.arm.name} - {plan.arm.description}\n"
-                  f"# eval metrics: {', '.join(metrics)}; objective: {objective}\n" + dump_config(plan.base), end="")
+            print(
+                ("---\n" if i else "")
+                + f"# study: {plan.name} ({mode})\n# arm: {plan.arm.name} - {plan.arm.description}\n"
+                f"# eval metrics: {', '.join(metrics)}; objective: {objective}\n" + dump_config(plan.base),
+                end="",
+            )
         return 0
     return train(args, sys.argv[1:] if argv is None else argv, plans)
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 if __name__ == "__main__":
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    signal.signal(signal.SIGTERM, _interrupt)  # a terminated command stops as cleanly as a Ctrl-C
-    try:
-        sys.exit(main())
-    except ConfigError as err:  # includes DataError: bad input, said in one line
-        print(f"run.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("run.py: interrupted; the trial is marked (MLflow KILLED) and rerunning the same command resumes it",
-              file=sys.stderr)
-        sys.exit(130)
+    on_interrupt = "the trial is marked (MLflow KILLED) and rerunning the same command resumes it"
+    sys.exit(run_command(main, "run.py", on_interrupt))

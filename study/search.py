@@ -40,7 +40,7 @@ class SearchSpace:
     distributions: dict[str, Any]  # dotted config key -> optuna distribution
     pruner: dict[str, Any]
 
-    def for_budget(self, budget_cfg: ExperimentConfig) -> "SearchSpace":
+    def for_budget(self, budget_cfg: ExperimentConfig) -> SearchSpace:
         """Drop batch sizes above the budget profile's, which is sized to its memory."""
         import optuna.distributions as d
 

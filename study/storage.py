@@ -51,8 +51,10 @@ def open_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS):
 
         return JournalStorage(JournalFileBackend(str(path)))
     if "://" not in url:
-        raise ConfigError(f"--storage {url!r} is not valid; expected an SQLAlchemy URL (sqlite:///optuna.db, "
-                          f"postgresql://user:password@host/db) or a journal file (journal:PATH or PATH.log)")
+        raise ConfigError(
+            f"--storage {url!r} is not valid; expected an SQLAlchemy URL (sqlite:///optuna.db, "
+            f"postgresql://user:password@host/db) or a journal file (journal:PATH or PATH.log)"
+        )
     from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
     for attempt in range(CREATE_ATTEMPTS):
@@ -60,10 +62,14 @@ def open_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeat_interval is marked experimental
                 return optuna.storages.RDBStorage(
-                    url, heartbeat_interval=heartbeat_seconds, grace_period=2 * heartbeat_seconds,
+                    url,
+                    heartbeat_interval=heartbeat_seconds,
+                    grace_period=2 * heartbeat_seconds,
                     heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
                     # SQLite: wait for another worker's write lock instead of failing at once
-                    engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True},
+                    engine_kwargs={"connect_args": {"timeout": 60}}
+                    if url.startswith("sqlite")
+                    else {"pool_pre_ping": True},
                 )
         except (IntegrityError, ProgrammingError, OperationalError) as err:
             # Commands started at the same instant on a fresh storage all create its tables; the

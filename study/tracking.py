@@ -14,20 +14,21 @@ import json
 import logging
 import os
 import random
-import signal
 import time
 from pathlib import Path
 
 import mlflow
 import numpy as np
+from filelock import FileLock
 from mlflow.exceptions import MlflowException
 
+from liquid_diffusion.cli import sigterm_as_interrupt
 from liquid_diffusion.config import ConfigError
-from liquid_diffusion.train import NonFiniteLoss, OverBudget, Pruned, TrainingStopped
+from liquid_diffusion.outcomes import OUTCOMES
+from liquid_diffusion.train import TrainingStopped
 
 from .storage import one_line_reason
 
-DEFAULT_EXPERIMENT = "liquid-diffusion"
 MARKER = "mlflow_run.json"
 
 
@@ -62,44 +63,29 @@ def logged_steps(run_id: str) -> dict[str, int]:
     return {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in keys}
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """SIGTERM raises KeyboardInterrupt, so a terminated run is cleaned up like a Ctrl-C."""
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt("SIGTERM")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def stop_kind(err: TrainingStopped) -> str:
-    kinds = {OverBudget: "over_budget", NonFiniteLoss: "non_finite", Pruned: "pruned"}
-    return next((kind for cls, kind in kinds.items() if isinstance(err, cls)), "stopped")
-
-
 STORE_ATTEMPTS = 6
 
 
 def open_tracking_store() -> None:
     """Make sure the tracking store exists and is migrated, retrying while another command creates it.
 
-    Commands started at the same instant on a fresh sqlite store all run MLflow's migrations; the
-    losers fail on the winner's alembic_version row. Once the winner is done the store is ready.
+    Commands started at the same instant on a fresh store all run MLflow's migrations. On sqlite, two
+    at once can break the file for good: a loser's half-done batch migration leaves a table
+    `_alembic_tmp_*` behind. So commands on one machine take turns through a lock file beside the
+    database; on a server store the losers fail on the winner's alembic_version row and retry.
     """
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
-    for attempt in range(STORE_ATTEMPTS):
-        try:
-            mlflow.MlflowClient().search_experiments(max_results=1)
-            return
-        except Exception as err:  # alembic, SQLAlchemy and MLflow raise many kinds while the store is half made
-            if attempt + 1 == STORE_ATTEMPTS:
-                raise ConfigError(f"tracking store {mlflow.get_tracking_uri()}: cannot open it "
-                                  f"({one_line_reason(err)})") from None
-            time.sleep(0.5 + random.random())
+    uri = mlflow.get_tracking_uri()
+    database = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    with FileLock(f"{database}.lock") if database else contextlib.nullcontext():
+        for attempt in range(STORE_ATTEMPTS):
+            try:
+                mlflow.MlflowClient().search_experiments(max_results=1)
+                return
+            except Exception as err:  # alembic, SQLAlchemy and MLflow raise many kinds while the store is half made
+                if attempt + 1 == STORE_ATTEMPTS:
+                    raise ConfigError(f"tracking store {uri}: cannot open it ({one_line_reason(err)})") from None
+                time.sleep(0.5 + random.random())
 
 
 def set_experiment(name: str):
@@ -149,30 +135,37 @@ def existing_run_id(run_dir: Path) -> str | None:
 
 
 @contextlib.contextmanager
-def tracked_run(run_dir: Path, experiment: str, run_name: str, tags: dict[str, str], params: dict,
-                parent_run_id: str | None = None):
+def tracked_run(
+    run_dir: Path, experiment: str, run_name: str, tags: dict[str, str], params: dict, parent_run_id: str | None = None
+):
     """An MLflow run for `run_dir`, new or continued; its status on exit follows the module docstring."""
     run_id = existing_run_id(run_dir)
     set_experiment(experiment)
-    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags, log_system_metrics=True,
-                           parent_run_id=None if run_id else parent_run_id)
+    run = mlflow.start_run(
+        run_id=run_id,
+        run_name=None if run_id else run_name,
+        tags=tags,
+        log_system_metrics=True,
+        parent_run_id=None if run_id else parent_run_id,
+    )
     resumed, run_id = run_id is not None, run.info.run_id
     _write_marker(run_dir, run_id, "RUNNING")
-    status = "FAILED"
+    status = OUTCOMES["error"].run_status
     try:
         with sigterm_as_interrupt():
             if not resumed:
                 mlflow.log_params(params)
             yield run
-        status = "FINISHED"
+        status = OUTCOMES["finished"].run_status
     except TrainingStopped as err:
-        mlflow.set_tags({"status": stop_kind(err), "reason": str(err)})
-        if isinstance(err, Pruned):
-            status = "KILLED"
-            mlflow.set_tag("optuna.state", "PRUNED")
+        outcome = OUTCOMES[err.kind]
+        status = outcome.run_status
+        mlflow.set_tags({"status": err.kind, "reason": str(err)})
+        if outcome.trial_state == "PRUNED":  # the study's pruner ended it: the run says so before Optuna does
+            mlflow.set_tag("optuna.state", outcome.trial_state)
         raise
     except KeyboardInterrupt as err:
-        status = "KILLED"
+        status = OUTCOMES["interrupted"].run_status
         mlflow.set_tag("reason", f"interrupted ({err or 'SIGINT'}); rerun the same command to resume")
         raise
     except BaseException as err:

@@ -2,33 +2,40 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 
+from liquid_diffusion.cli import DEFAULT_EXPERIMENT
 from liquid_diffusion.codecs import load_codec
-from liquid_diffusion.config import ExperimentConfig
+from liquid_diffusion.config import ExperimentConfig, dataset_slug
 from liquid_diffusion.data import open_source
 from liquid_diffusion.evaluate import Evaluator
 from liquid_diffusion.inception import InceptionWeights
 from liquid_diffusion.latent_cache import load_or_encode
+from liquid_diffusion.outcomes import OUTCOMES
 from liquid_diffusion.train import Trainer, TrainingStopped, TrainResult, resolve_device
 
-from .tracking import DEFAULT_EXPERIMENT, MLflowTracker, existing_run_id, logged_steps, read_marker, stop_kind, tracked_run
+from .tracking import (
+    MLflowTracker,
+    existing_run_id,
+    logged_steps,
+    read_marker,
+    tracked_run,
+)
 
 
 @dataclass
 class TrialOutcome:
-    status: str  # the MLflow run's: FINISHED | FAILED (stopped early, see kind and reason) | KILLED (pruned)
+    status: str  # the MLflow run's, from outcomes.OUTCOMES
     run_id: str
     run_dir: Path
     reason: str = ""
     result: TrainResult | None = None
-    kind: str = "finished"  # finished | over_budget | non_finite | pruned
+    kind: str = "finished"  # a key of outcomes.OUTCOMES: finished | over_budget | non_finite | pruned
 
 
 def provenance() -> dict[str, str]:
@@ -37,29 +44,43 @@ def provenance() -> dict[str, str]:
 
     versions = []
     for package in ("torch", "diffusers", "mlflow", "optuna", "torch-fidelity"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             versions.append(f"{package} {version(package)}")
-        except PackageNotFoundError:
-            pass
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return {"versions": ", ".join(versions), "git.commit": commit or "unknown"}
 
 
-def run_dir_for(out_root: Path, experiment: str, arm: str, cfg: ExperimentConfig, budget: str, suffix: str = "") -> Path:
+def run_dir_for(
+    out_root: Path, experiment: str, arm: str, cfg: ExperimentConfig, budget: str, suffix: str = ""
+) -> Path:
     """One folder per (experiment, arm, data, budget, seed, resolved config): a rerun finds its checkpoint."""
-    digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
-    data = Path(cfg.data.dataset).name if "/" in cfg.data.dataset else cfg.data.dataset.replace(":", "_")
-    return Path(out_root) / experiment / arm / f"{data}-{budget}-seed{cfg.train.seed}-{digest}{suffix}"
+    folder = f"{dataset_slug(cfg.data.dataset)}-{budget}-seed{cfg.train.seed}-{cfg.digest()[:8]}{suffix}"
+    return Path(out_root) / experiment / arm / folder
 
 
-def run_trial(cfg: ExperimentConfig, tags: dict[str, str], run_dir: Path, experiment: str = DEFAULT_EXPERIMENT,
-              device: str = "auto", cache_dir: Path | None = None, progress: bool = True,
-              weights: InceptionWeights | None = None, parent_run_id: str | None = None,
-              report=None, source=None, compile: bool = False) -> TrialOutcome:
+def run_trial(
+    cfg: ExperimentConfig,
+    tags: dict[str, str],
+    run_dir: Path,
+    experiment: str = DEFAULT_EXPERIMENT,
+    device: str = "auto",
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    weights: InceptionWeights | None = None,
+    parent_run_id: str | None = None,
+    report=None,
+    source=None,
+    compile: bool = False,
+) -> TrialOutcome:
     """Train `cfg` to its budget, resuming from `run_dir` if an earlier attempt left a checkpoint.
 
     Data, codec and evaluation-weights errors are raised before any MLflow run exists. SIGINT/SIGTERM
@@ -84,16 +105,30 @@ def run_trial(cfg: ExperimentConfig, tags: dict[str, str], run_dir: Path, experi
             tracker = MLflowTracker(report, logged_steps(run.info.run_id))  # a resumed run logs each step once
             mlflow.log_dict(cfg.to_dict(), "config.yaml")
             tracker.log_metrics({"data/images": len(latents), "data/skipped": source.skipped}, step=0)
-            trainer = Trainer(cfg, latents, codec, run_dir, tracker=tracker, device=device, progress=progress,
-                              evaluator=evaluator, compile=compile)
-            mlflow.set_tags({"device": str(trainer.device), "precision": trainer.precision, "compile": str(compile).lower(),
-                             **provenance()})
+            trainer = Trainer(
+                cfg,
+                latents,
+                codec,
+                run_dir,
+                tracker=tracker,
+                device=device,
+                progress=progress,
+                evaluator=evaluator,
+                compile=compile,
+            )
+            mlflow.set_tags(
+                {
+                    "device": str(trainer.device),
+                    "precision": trainer.precision,
+                    "compile": str(compile).lower(),
+                    **provenance(),
+                }
+            )
             mlflow.log_param("model.parameters", sum(p.numel() for p in trainer.model.parameters()))
             result = trainer.run()
             mlflow.log_artifacts(str(trainer.export_ema(run_dir / "ema")), artifact_path="ema")
             mlflow.log_metrics({f"time/{k}_s": v for k, v in result.seconds.items()}, step=result.images_seen)
     except TrainingStopped as err:
-        kind = stop_kind(err)
-        status = "KILLED" if kind == "pruned" else "FAILED"
-        return TrialOutcome(status, read_marker(run_dir)["run_id"], run_dir, reason=str(err), kind=kind)
-    return TrialOutcome("FINISHED", run.info.run_id, run_dir, result=result)
+        run_id = read_marker(run_dir)["run_id"]
+        return TrialOutcome(OUTCOMES[err.kind].run_status, run_id, run_dir, reason=str(err), kind=err.kind)
+    return TrialOutcome(OUTCOMES["finished"].run_status, run.info.run_id, run_dir, result=result)

@@ -8,13 +8,20 @@ from liquid_diffusion.config import INCEPTION_METRICS, ExperimentConfig
 
 
 def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--inception-weights", metavar="PATH", default=None,
-                        help="the standard torch-fidelity Inception file (weights-inception-2015-12-05-6726825d.pth), "
-                             "for FID/KID/precision/recall offline (default: $LIQUID_DIFFUSION_INCEPTION_WEIGHTS, "
-                             "then torch.hub's cache, then a download)")
-    parser.add_argument("--allow-unverified-weights", action="store_true",
-                        help="accept an Inception file whose SHA-256 differs; its values are logged as "
-                             "eval/*_unverified and tagged weights=unverified, never as FID")
+    parser.add_argument(
+        "--inception-weights",
+        metavar="PATH",
+        default=None,
+        help="the standard torch-fidelity Inception file (weights-inception-2015-12-05-6726825d.pth), "
+        "for FID/KID/precision/recall offline (default: $LIQUID_DIFFUSION_INCEPTION_WEIGHTS, "
+        "then torch.hub's cache, then a download)",
+    )
+    parser.add_argument(
+        "--allow-unverified-weights",
+        action="store_true",
+        help="accept an Inception file whose SHA-256 differs; its values are logged as "
+        "eval/*_unverified and tagged weights=unverified, never as FID",
+    )
 
 
 def inception_weights_for(configs: list[ExperimentConfig], args, metrics: tuple[str, ...] = ()):

@@ -52,8 +52,10 @@ def random_inception_weights(tmp_path_factory) -> Path:
 
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None), \
-         mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", return_value={}):
+    with (
+        mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None),
+        mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", return_value={}),
+    ):
         network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
     torch.save(network.state_dict(), path)

@@ -124,16 +124,21 @@ class ReferenceLiquidUNet(nn.Module):
         ch, levels = cfg.channels, len(cfg.channels)
         block = lambda c: RefBlock(c, cfg, ConvMixer.matched_hidden(c, cfg.time_dim))  # noqa: E731
         self.time_embed = TimestepEmbedding(ch[0], cfg.time_dim)
-        self.stem = nn.Sequential(nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1), nn.SiLU(), nn.Conv2d(ch[0], ch[0], 3, padding=1))
+        self.stem = nn.Sequential(
+            nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1), nn.SiLU(), nn.Conv2d(ch[0], ch[0], 3, padding=1)
+        )
         self.encoder = nn.ModuleList(nn.ModuleList(block(ch[i]) for _ in range(cfg.depths[i])) for i in range(levels))
         self.downsamples = nn.ModuleList(nn.Conv2d(ch[i], ch[i + 1], 3, stride=2, padding=1) for i in range(levels - 1))
         self.middle = nn.ModuleList(block(ch[-1]) for _ in range(cfg.mid_depth))
         self.skip_fuse = nn.ModuleList(conv1x1(2 * ch[i], ch[i]) for i in range(levels))
         self.decoder = nn.ModuleList(nn.ModuleList(block(ch[i]) for _ in range(cfg.depths[i])) for i in range(levels))
         self.upsamples = nn.ModuleList(
-            nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch[i], ch[i - 1], 3, padding=1)) for i in range(1, levels)
+            nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch[i], ch[i - 1], 3, padding=1))
+            for i in range(1, levels)
         )
-        self.head = nn.Sequential(nn.GroupNorm(groups(ch[0]), ch[0]), nn.SiLU(), nn.Conv2d(ch[0], cfg.in_channels, 3, padding=1))
+        self.head = nn.Sequential(
+            nn.GroupNorm(groups(ch[0]), ch[0]), nn.SiLU(), nn.Conv2d(ch[0], cfg.in_channels, 3, padding=1)
+        )
 
     def forward(self, x, t):
         sinusoid = get_timestep_embedding(t * 1000, self.cfg.channels[0], flip_sin_to_cos=True, downscale_freq_shift=0)
@@ -156,7 +161,9 @@ class ReferenceLiquidUNet(nn.Module):
         return self.head(h)
 
 
-def fast_to_reference_names(fast_state: dict[str, torch.Tensor], ref_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def fast_to_reference_names(
+    fast_state: dict[str, torch.Tensor], ref_state: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Map LiquidUNet weights onto the reference: same names, except the fused f/g/h heads and a/b
     time maps, which are split; Linear weights become 1x1 convolution weights by a reshape."""
     out = {}

@@ -5,7 +5,9 @@ import sys
 
 
 def test_quick_benchmark_prints_the_table_and_ratios(repo):
-    result = subprocess.run([sys.executable, "study/bench.py", "--quick"], cwd=repo, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "study/bench.py", "--quick"], cwd=repo, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("liquid-micro-baseline", "liquid-micro-plain_conv", "reference-micro", "unet2d-attn", "unet2d-noattn"):
         assert name in result.stdout
@@ -17,5 +19,7 @@ def test_quick_benchmark_prints_the_table_and_ratios(repo):
 
 
 def test_fewer_than_five_repetitions_is_refused(repo):
-    result = subprocess.run([sys.executable, "study/bench.py", "--reps", "3"], cwd=repo, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "study/bench.py", "--reps", "3"], cwd=repo, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 2 and "--reps must be >= 5" in result.stderr

@@ -6,15 +6,23 @@ import sys
 
 import pytest
 import yaml
-
-from study.arms import load_arms, select_arms
-from liquid_diffusion import ConfigError, ExperimentConfig
-
 from conftest import assert_clean_error
 
+from liquid_diffusion import ConfigError, ExperimentConfig
+from study.arms import load_arms, select_arms
+
 REQUIRED_ARMS = {
-    "baseline", "no_relax", "relax_t", "plain_conv", "no_gate", "minimal_gate",
-    "time_free_gate", "mix_3", "mix_3_5", "no_global_pool", "no_adaln",
+    "baseline",
+    "no_relax",
+    "relax_t",
+    "plain_conv",
+    "no_gate",
+    "minimal_gate",
+    "time_free_gate",
+    "mix_3",
+    "mix_3_5",
+    "no_global_pool",
+    "no_adaln",
 }
 
 
@@ -28,7 +36,7 @@ def test_list_prints_every_arm_with_its_description(repo):
     result = run_cli(repo, "--list")
     assert result.returncode == 0, result.stderr
     listed = {line.split()[0]: line for line in result.stdout.splitlines()}
-    assert REQUIRED_ARMS <= set(listed) and len(listed) >= 11
+    assert set(listed) >= REQUIRED_ARMS and len(listed) >= 11
     for name, arm in load_arms().items():
         assert arm.description in listed[name]
 
@@ -53,7 +61,10 @@ def test_unknown_flag_exits_2_with_one_line(repo):
 @pytest.mark.parametrize(
     "text, fragments",
     [
-        ("description: typo\noverrides:\n  model.relx: none\n", ["bad.yaml", "model.relx", "did you mean 'model.relax'"]),
+        (
+            "description: typo\noverrides:\n  model.relx: none\n",
+            ["bad.yaml", "model.relx", "did you mean 'model.relax'"],
+        ),
         ("description: bad value\noverrides:\n  model.mixer: transformer\n", ["bad.yaml", "mixer", "cfc, conv"]),
         ("description: [unclosed\n", ["bad.yaml", "not valid YAML"]),
         ("descripton: typo\noverrides: {}\n", ["bad.yaml", "descripton", "description, overrides"]),
@@ -77,3 +88,11 @@ def test_select_arms_expands_all_and_keeps_order():
 
 def test_baseline_has_no_overrides():
     assert load_arms()["baseline"].overrides == {}
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(repo):
+    """`run.py --ablation all --dry-run | head -1`: the pipe closes while run.py still writes."""
+    command = f"{sys.executable} study/run.py --ablation all --dry-run | head -1"
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120, cwd=repo)
+    assert result.stdout.startswith("# study: liquid-diffusion:baseline:mnist:cpu-demo")
+    assert result.stderr == "", result.stderr

@@ -1,11 +1,11 @@
 import time
 
+import huggingface_hub.constants as hub_constants
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import huggingface_hub.constants as hub_constants
 from liquid_diffusion.config import DataConfig, DataError
 from liquid_diffusion.data import MnistSource, open_source
 
@@ -34,7 +34,9 @@ def test_folder_images_are_centre_cropped_and_resized(tmp_path):
     strip[:, 10:20] = 255
     (tmp_path / "data").mkdir()
     Image.fromarray(strip).save(tmp_path / "data" / "strip.png")
-    images = torch.cat(list(open_source(DataConfig(dataset=str(tmp_path / "data"), resolution=8, channels=3)).batches(4)))
+    images = torch.cat(
+        list(open_source(DataConfig(dataset=str(tmp_path / "data"), resolution=8, channels=3)).batches(4))
+    )
     assert images.shape == (1, 3, 8, 8)
     assert images.min() > 0.5  # no black from the sides; edges are only softened by the antialiased resize
 
@@ -76,7 +78,7 @@ def test_unreachable_hub_dataset_fails_fast_with_the_fix(monkeypatch, offline_en
     assert time.perf_counter() - start < 5
     message = str(err.value)
     assert "afhq" in message and "huggan/AFHQv2" in message and "--dataset PATH" in message and "Pre-cache" in message
-    assert hub_constants.HF_HUB_OFFLINE is (True if offline_env else False)  # restored after the attempt
+    assert hub_constants.HF_HUB_OFFLINE is bool(offline_env)  # restored after the attempt
 
 
 def test_hf_prefix_is_checked():

@@ -9,9 +9,8 @@ import time
 import optuna
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
-
 from conftest import assert_clean_error
+from mlflow.tracking import MlflowClient
 
 RUN = [sys.executable, "study/run.py"]
 SMOKE = ["--budget", "cpu-smoke", "--no-progress"]
@@ -20,8 +19,12 @@ SMOKE = ["--budget", "cpu-smoke", "--no-progress"]
 @pytest.fixture
 def store(tmp_path, repo):
     """A fresh MLflow store and Optuna file per test, sharing one data/classifier cache."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-           "LIQUID_DIFFUSION_CACHE": str(repo / ".pytest_cache" / "liquid-cache"), "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "LIQUID_DIFFUSION_CACHE": str(repo / ".pytest_cache" / "liquid-cache"),
+        "PYTHONUNBUFFERED": "1",
+    }
     return tmp_path, env
 
 
@@ -44,7 +47,17 @@ def trials(tmp_path, name, storage=None):
 
 def test_two_arms_by_two_seeds_make_four_children_under_two_parents_and_a_rerun_adds_nothing(repo, store):
     tmp_path, env = store
-    args = ["--ablation", "baseline,no_relax", "--seeds", "2", "--experiment", "grid", "--out", str(tmp_path / "o"), *SMOKE]
+    args = [
+        "--ablation",
+        "baseline,no_relax",
+        "--seeds",
+        "2",
+        "--experiment",
+        "grid",
+        "--out",
+        str(tmp_path / "o"),
+        *SMOKE,
+    ]
     result = run(repo, env, *args)
     assert result.returncode == 0, result.stderr[-3000:]
     parents = {p.data.tags["ablation"]: p for p in runs(env, "grid", "study")}
@@ -57,13 +70,17 @@ def test_two_arms_by_two_seeds_make_four_children_under_two_parents_and_a_rerun_
         assert child.info.status == "FINISHED" and child.data.tags["optuna.state"] == "COMPLETE"
         assert child.data.tags["study"] == parent.data.tags["study"] == f"grid:{arm}:mnist:cpu-smoke"
     assert sorted((c.data.tags["ablation"], c.data.tags["seed"]) for c in children) == [
-        ("baseline", "0"), ("baseline", "1"), ("no_relax", "0"), ("no_relax", "1")]
+        ("baseline", "0"),
+        ("baseline", "1"),
+        ("no_relax", "0"),
+        ("no_relax", "1"),
+    ]
     for arm, parent in parents.items():
         values = [c.data.metrics["eval/fd_digits"] for c in children if c.data.tags["ablation"] == arm]
         assert parent.info.status == "FINISHED" and parent.data.tags["budget"] == "cpu-smoke"
         assert parent.data.metrics["study/mean"] == pytest.approx(sum(values) / 2)
         assert parent.data.metrics["study/best"] == pytest.approx(min(values))  # fd_digits: lower is better
-        assert parent.data.metrics["study/std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+        assert parent.data.metrics["study/std"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
         assert parent.data.metrics["study/n_complete"] == 2
 
     again = run(repo, env, *args)
@@ -75,8 +92,14 @@ def long_smoke_budget(repo, tmp_path) -> str:
     """cpu-smoke with enough steps to kill a run between checkpoints."""
     budgets = yaml.safe_load((repo / "study" / "budgets.yaml").read_text())
     smoke = budgets["cpu-smoke"]
-    smoke["overrides"].update({"train.images": 1600, "train.checkpoint_every_images": 32,
-                               "train.eval_every_images": 800, "train.log_every_steps": 5})
+    smoke["overrides"].update(
+        {
+            "train.images": 1600,
+            "train.checkpoint_every_images": 32,
+            "train.eval_every_images": 800,
+            "train.log_every_steps": 5,
+        }
+    )
     path = tmp_path / "budgets.yaml"
     path.write_text(yaml.safe_dump({"cpu-smoke": smoke}))
     return str(path)
@@ -84,8 +107,19 @@ def long_smoke_budget(repo, tmp_path) -> str:
 
 def test_a_sigkilled_worker_s_trial_is_retried_from_its_checkpoint(repo, store):
     tmp_path, env = store
-    args = ["--ablation", "baseline", "--experiment", "kill", "--out", str(tmp_path / "o"), *SMOKE,
-            "--budgets-file", long_smoke_budget(repo, tmp_path), "--heartbeat-seconds", "1"]
+    args = [
+        "--ablation",
+        "baseline",
+        "--experiment",
+        "kill",
+        "--out",
+        str(tmp_path / "o"),
+        *SMOKE,
+        "--budgets-file",
+        long_smoke_budget(repo, tmp_path),
+        "--heartbeat-seconds",
+        "1",
+    ]
     worker = subprocess.Popen([*RUN, *args], cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
     while not list((tmp_path / "o").rglob("checkpoint-*")) and time.time() < deadline:
@@ -101,15 +135,31 @@ def test_a_sigkilled_worker_s_trial_is_retried_from_its_checkpoint(repo, store):
     assert retried.user_attrs["resumed_from"] > 0  # its first step came after the checkpoint
     [child] = runs(env, "kill", "trial")  # the same MLflow run, continued
     assert child.info.status == "FINISHED" and child.info.run_id == retried.user_attrs["mlflow_run_id"]
-    first_after_resume = [m.step for m in MlflowClient(env["MLFLOW_TRACKING_URI"]).get_metric_history(
-        child.info.run_id, "train/loss") if m.step > retried.user_attrs["resumed_from"]]
+    first_after_resume = [
+        m.step
+        for m in MlflowClient(env["MLFLOW_TRACKING_URI"]).get_metric_history(child.info.run_id, "train/loss")
+        if m.step > retried.user_attrs["resumed_from"]
+    ]
     assert first_after_resume and len(first_after_resume) == len(set(first_after_resume))
 
 
 def test_two_workers_split_the_trials_without_duplicates(repo, store):
     tmp_path, env = store
-    result = run(repo, env, "--ablation", "baseline", "--seeds", "4", "--workers", "2", "--experiment", "two",
-                 "--out", str(tmp_path / "o"), *SMOKE)
+    result = run(
+        repo,
+        env,
+        "--ablation",
+        "baseline",
+        "--seeds",
+        "4",
+        "--workers",
+        "2",
+        "--experiment",
+        "two",
+        "--out",
+        str(tmp_path / "o"),
+        *SMOKE,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     done = trials(tmp_path, "two:baseline:mnist:cpu-smoke")
     assert sorted(t.params["seed"] for t in done) == [0, 1, 2, 3]
@@ -135,8 +185,9 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(repo, store, monkeypa
     monkeypatch.setattr(Trainer, "_batch", nan_for_seed_1)
     monkeypatch.setenv("LIQUID_DIFFUSION_CACHE", env["LIQUID_DIFFUSION_CACHE"])
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    code = run_py.main(["--ablation", "baseline", "--seeds", "3", "--experiment", "nan", "--out", str(tmp_path / "o"),
-                        *SMOKE])
+    code = run_py.main(
+        ["--ablation", "baseline", "--seeds", "3", "--experiment", "nan", "--out", str(tmp_path / "o"), *SMOKE]
+    )
     assert code == 1  # the study finished, with a failure to report
     by_seed = {t.params["seed"]: t for t in trials(tmp_path, "nan:baseline:mnist:cpu-smoke")}
     assert by_seed[1].state == optuna.trial.TrialState.FAIL and by_seed[1].user_attrs["status"] == "non_finite"
@@ -151,11 +202,32 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(repo, store, monkeypa
 def test_search_with_pruning_marks_pruned_trials_killed(repo, store):
     tmp_path, env = store
     space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({"space": {"train.lr": {"low": 1e-4, "high": 3e-3, "log": True},
-                                               "train.batch_size": {"choices": [8, 16, 64]}},
-                                     "pruner": {"type": "threshold", "upper": 0.0}}))  # prunes at the first eval
-    result = run(repo, env, "--ablation", "baseline", "--search", "3", "--search-space", str(space),
-                 "--experiment", "search", "--out", str(tmp_path / "o"), *SMOKE)
+    space.write_text(
+        yaml.safe_dump(
+            {
+                "space": {
+                    "train.lr": {"low": 1e-4, "high": 3e-3, "log": True},
+                    "train.batch_size": {"choices": [8, 16, 64]},
+                },
+                "pruner": {"type": "threshold", "upper": 0.0},
+            }
+        )
+    )  # prunes at the first eval
+    result = run(
+        repo,
+        env,
+        "--ablation",
+        "baseline",
+        "--search",
+        "3",
+        "--search-space",
+        str(space),
+        "--experiment",
+        "search",
+        "--out",
+        str(tmp_path / "o"),
+        *SMOKE,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     done = trials(tmp_path, "search:baseline:mnist:cpu-smoke:search")
     assert len(done) == 3 and all(t.state == optuna.trial.TrialState.PRUNED for t in done)
@@ -198,8 +270,23 @@ def test_bad_study_options_exit_2_with_one_line(repo, store, args, fragment):
 
 def shared_storage_run(repo, store, storage: str, experiment: str):
     tmp_path, env = store
-    result = run(repo, env, "--ablation", "baseline", "--seeds", "2", "--workers", "2", "--storage", storage,
-                 "--experiment", experiment, "--out", str(tmp_path / "o"), *SMOKE)
+    result = run(
+        repo,
+        env,
+        "--ablation",
+        "baseline",
+        "--seeds",
+        "2",
+        "--workers",
+        "2",
+        "--storage",
+        storage,
+        "--experiment",
+        experiment,
+        "--out",
+        str(tmp_path / "o"),
+        *SMOKE,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     done = trials(tmp_path, f"{experiment}:baseline:mnist:cpu-smoke", storage)
     assert sorted(t.params["seed"] for t in done) == [0, 1]
@@ -219,7 +306,9 @@ def test_a_journal_file_is_shared_by_two_workers(repo, store):
 POSTGRES = os.environ.get("LIQUID_DIFFUSION_TEST_POSTGRES")
 
 
-@pytest.mark.skipif(not POSTGRES, reason="no PostgreSQL server: .ci/run starts one and sets LIQUID_DIFFUSION_TEST_POSTGRES")
+@pytest.mark.skipif(
+    not POSTGRES, reason="no PostgreSQL server: .ci/run starts one and sets LIQUID_DIFFUSION_TEST_POSTGRES"
+)
 def test_postgresql_is_shared_by_two_workers(repo, store):
     experiment = f"pg{os.getpid()}{int(time.time())}"  # the server outlives the test: a fresh study name
     shared_storage_run(repo, store, POSTGRES, experiment)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from conftest import assert_clean_error
 from PIL import Image
 
 from liquid_diffusion.codecs import PixelCodec
@@ -17,8 +18,6 @@ from liquid_diffusion.data import open_source
 from liquid_diffusion.digits import DigitFeatures, classifier_path
 from liquid_diffusion.evaluate import Evaluator, to_uint8
 from liquid_diffusion.inception import INCEPTION_SHA256, WeightsError, resolve_inception_weights
-
-from conftest import assert_clean_error
 
 
 def mnist_evaluator(cache_dir, **overrides) -> Evaluator:
@@ -138,13 +137,22 @@ def write_folder(root, seed: int, count: int = 8):
 
 
 def test_inception_metrics_are_tagged_unverified_and_the_reference_cache_hits_until_the_data_changes(
-        random_inception_weights, tmp_path):
+    random_inception_weights, tmp_path
+):
     folder = tmp_path / "images"
     write_folder(folder, seed=0)
     weights = resolve_inception_weights(random_inception_weights, allow_unverified=True)
-    cfg = ExperimentConfig().with_overrides({
-        "data.dataset": str(folder), "data.channels": 3, "data.resolution": 8,
-        "eval.n": 6, "eval.n_ref": 6, "eval.metrics": ["fid", "kid"], "eval.objective": "fid"})
+    cfg = ExperimentConfig().with_overrides(
+        {
+            "data.dataset": str(folder),
+            "data.channels": 3,
+            "data.resolution": 8,
+            "eval.n": 6,
+            "eval.n_ref": 6,
+            "eval.metrics": ["fid", "kid"],
+            "eval.objective": "fid",
+        }
+    )
 
     def evaluator():
         return Evaluator(cfg, open_source(cfg.data), PixelCodec(), weights, cache_dir=tmp_path / "cache")
@@ -173,12 +181,31 @@ def test_inception_metrics_are_tagged_unverified_and_the_reference_cache_hits_un
 def finished_run(repo, tmp_path_factory):
     """One cpu-smoke run trained by study/run.py: (run id, environment)."""
     root = tmp_path_factory.mktemp("evalpy")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-           "LIQUID_DIFFUSION_CACHE": str(root / "cache"), "TORCH_HOME": str(root / "torch")}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+        "LIQUID_DIFFUSION_CACHE": str(root / "cache"),
+        "TORCH_HOME": str(root / "torch"),
+    }
     env.pop("LIQUID_DIFFUSION_INCEPTION_WEIGHTS", None)
-    result = subprocess.run([sys.executable, "study/run.py", "--ablation", "baseline", "--budget", "cpu-smoke",
-                             "--out", str(root / "out"), "--no-progress"], cwd=repo, env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "study/run.py",
+            "--ablation",
+            "baseline",
+            "--budget",
+            "cpu-smoke",
+            "--out",
+            str(root / "out"),
+            "--no-progress",
+        ],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     from mlflow.tracking import MlflowClient
 
@@ -200,8 +227,14 @@ def eval_cli(client, capsys, *args) -> tuple[int, str]:
 
 def test_eval_py_logs_a_larger_n_into_the_same_run(repo, finished_run):
     run_id, env, client = finished_run
-    result = subprocess.run([sys.executable, "study/eval.py", "--run-id", run_id, "--n", "40", "--no-progress"],
-                            cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "study/eval.py", "--run-id", run_id, "--n", "40", "--no-progress"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
@@ -214,8 +247,17 @@ def test_eval_py_logs_a_larger_n_into_the_same_run(repo, finished_run):
 def test_eval_py_with_unverified_weights_refuses_then_tags(finished_run, random_inception_weights, capsys, monkeypatch):
     run_id, env, client = finished_run
     monkeypatch.setenv("LIQUID_DIFFUSION_CACHE", env["LIQUID_DIFFUSION_CACHE"])
-    args = ["--run-id", run_id, "--n", "10", "--metric", "fid,precision", "--no-progress",
-            "--inception-weights", str(random_inception_weights)]
+    args = [
+        "--run-id",
+        run_id,
+        "--n",
+        "10",
+        "--metric",
+        "fid,precision",
+        "--no-progress",
+        "--inception-weights",
+        str(random_inception_weights),
+    ]
     code, stderr = eval_cli(client, capsys, *args)
     assert code == 2 and "--allow-unverified-weights" in stderr
     code, stderr = eval_cli(client, capsys, *args, "--allow-unverified-weights")
@@ -235,13 +277,19 @@ def test_eval_py_bad_input_exits_2_with_one_line(finished_run, case, tmp_path, c
         bare = client.create_run(client.get_experiment_by_name("liquid-diffusion").experiment_id)
         client.log_artifact(bare.info.run_id, client.download_artifacts(run_id, "config.yaml", str(tmp_path)))
         run_id = bare.info.run_id
-    args = {"unknown run": ["--run-id", "0" * 32],
-            "no weights file": ["--run-id", run_id, "--metric", "fid"],
-            "no ema": ["--run-id", run_id],
-            "bad metric": ["--run-id", run_id, "--metric", "fd_digits,fidd"],
-            "n of 1": ["--run-id", run_id, "--n", "1"]}[case]
-    expected = {"unknown run": "unknown MLflow run id", "no weights file": "--inception-weights PATH",
-                "no ema": "no saved EMA weights", "bad metric": "unknown metric fidd",
-                "n of 1": "expected an integer >= 2"}[case]
+    args = {
+        "unknown run": ["--run-id", "0" * 32],
+        "no weights file": ["--run-id", run_id, "--metric", "fid"],
+        "no ema": ["--run-id", run_id],
+        "bad metric": ["--run-id", run_id, "--metric", "fd_digits,fidd"],
+        "n of 1": ["--run-id", run_id, "--n", "1"],
+    }[case]
+    expected = {
+        "unknown run": "unknown MLflow run id",
+        "no weights file": "--inception-weights PATH",
+        "no ema": "no saved EMA weights",
+        "bad metric": "unknown metric fidd",
+        "n of 1": "expected an integer >= 2",
+    }[case]
     code, stderr = eval_cli(client, capsys, *args)
     assert_clean_error(SimpleNamespace(returncode=code, stderr=stderr), expected)

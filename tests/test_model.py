@@ -136,7 +136,9 @@ def test_cfc_gate_matches_its_formula(gate):
     t = torch.tensor([0.4])
 
     # Direct computation, NCHW convolution and explicit matmuls.
-    dw = F.conv2d(x.permute(0, 3, 1, 2), cell.dwconv.weight, cell.dwconv.bias, padding=3, groups=dim).permute(0, 2, 3, 1)
+    dw = F.conv2d(x.permute(0, 3, 1, 2), cell.dwconv.weight, cell.dwconv.bias, padding=3, groups=dim).permute(
+        0, 2, 3, 1
+    )
     z = F.silu(dw @ cell.backbone.weight.T + cell.backbone.bias)
     heads = z @ cell.heads.weight.T + cell.heads.bias
     f = heads[..., :dim]

@@ -22,7 +22,7 @@ from liquid_diffusion.codecs import PixelCodec
 from liquid_diffusion.config import ExperimentConfig
 from liquid_diffusion.data import MnistSource
 from liquid_diffusion.evaluate import Evaluator
-from liquid_diffusion.train import OverBudget, Trainer, apply_vram_cap, resolve_precision
+from liquid_diffusion.train import OverBudget, Trainer, apply_vram_cap, autocast, resolve_precision
 from study.arms import load_arms
 from study.budgets import get_budget, load_budgets
 
@@ -44,7 +44,9 @@ LOSS_TOLERANCE = {"bf16": 1e-3, "fp16": 5e-4}
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("arm", sorted(ARMS))
 def test_every_arm_computes_the_fp32_velocity_under_autocast_to_rounding(arm, precision):
-    cfg = ARMS[arm].apply(ExperimentConfig(model=ModelConfig.preset("micro"))).model.replace(in_channels=1, resolution=8)
+    cfg = (
+        ARMS[arm].apply(ExperimentConfig(model=ModelConfig.preset("micro"))).model.replace(in_channels=1, resolution=8)
+    )
     torch.manual_seed(0)
     model = LiquidUNet(cfg)
     randomize_head(model)
@@ -62,7 +64,9 @@ def test_every_arm_computes_the_fp32_velocity_under_autocast_to_rounding(arm, pr
 
 def train(cfg, run_dir, evaluator=None) -> tuple[Trainer, Recorder]:
     recorder = Recorder()
-    trainer = Trainer(cfg, latents(), PixelCodec(), run_dir, recorder, device="cpu", progress=False, evaluator=evaluator)
+    trainer = Trainer(
+        cfg, latents(), PixelCodec(), run_dir, recorder, device="cpu", progress=False, evaluator=evaluator
+    )
     trainer.run()
     return trainer, recorder
 
@@ -79,7 +83,7 @@ def test_every_arm_trains_and_samples_under_mixed_precision(arm, precision, tmp_
 
     assert trainer.precision == precision
     assert trainer.scaler.is_enabled() == (precision == "fp16")
-    with trainer._autocast():  # the forward really runs in half precision
+    with autocast(trainer.device, trainer.precision):  # the forward really runs in half precision
         assert trainer.model.time_embed(torch.randn(2, trainer.model.model_config.channels[0])).dtype != torch.float32
     assert sorted(mixed.losses) == sorted(fp32.losses)
     for step, loss in fp32.losses.items():  # autocast changes the arithmetic by rounding only
@@ -145,9 +149,11 @@ def test_fp16_checkpoint_keeps_the_grad_scaler_and_resumes(tmp_path):
 def test_vram_cap_sets_the_fraction_of_the_device_memory():
     device = torch.device("cuda", 0)
     properties = mock.Mock(total_memory=80 * 2**30)  # an 80 GB GPU capped to a T4's 16 GB
-    with mock.patch("torch.cuda.get_device_properties", return_value=properties) as query, \
-         mock.patch("torch.cuda.set_per_process_memory_fraction") as set_fraction, \
-         mock.patch("torch.cuda.reset_peak_memory_stats"):
+    with (
+        mock.patch("torch.cuda.get_device_properties", return_value=properties) as query,
+        mock.patch("torch.cuda.set_per_process_memory_fraction") as set_fraction,
+        mock.patch("torch.cuda.reset_peak_memory_stats"),
+    ):
         assert apply_vram_cap(device, 16) == pytest.approx(0.2)
         set_fraction.assert_called_once_with(pytest.approx(0.2), device)
         query.assert_called_once_with(device)
@@ -204,10 +210,19 @@ def write_arm(folder: Path, name: str, overrides: dict) -> Path:
 
 
 def cli(repo, tmp_path, *args, timeout=300):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-           "LIQUID_DIFFUSION_CACHE": str(shared_cache(repo))}
-    return subprocess.run([sys.executable, "study/run.py", *args, "--out", str(tmp_path / "outputs"), "--no-progress"],
-                          cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "LIQUID_DIFFUSION_CACHE": str(shared_cache(repo)),
+    }
+    return subprocess.run(
+        [sys.executable, "study/run.py", *args, "--out", str(tmp_path / "outputs"), "--no-progress"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def shared_cache(repo) -> Path:
@@ -225,8 +240,18 @@ def only_trial_run(tmp_path, experiment):
 
 def test_a_bf16_arm_finishes_from_the_command_line(repo, tmp_path):
     arms = write_arm(tmp_path / "arms", "baseline_bf16", {"train.precision": "bf16"})
-    result = cli(repo, tmp_path, "--ablation", "baseline_bf16", "--budget", "cpu-smoke", "--ablations-dir", str(arms),
-                 "--experiment", "bf16")
+    result = cli(
+        repo,
+        tmp_path,
+        "--ablation",
+        "baseline_bf16",
+        "--budget",
+        "cpu-smoke",
+        "--ablations-dir",
+        str(arms),
+        "--experiment",
+        "bf16",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     client, run = only_trial_run(tmp_path, "bf16")
     assert run.info.status == "FINISHED" and run.data.tags["precision"] == "bf16"
@@ -239,12 +264,29 @@ def test_the_t4_path_profile_keeps_everything_of_t4_30m_but_its_sizes():
     t4 = get_budget(budgets, "t4-30m").apply(ExperimentConfig()).flat()
     path = get_budget(budgets, "t4-path-cpu").apply(ExperimentConfig()).flat()
     changed = {key for key in t4 if t4[key] != path[key]}
-    sizes = {"data.resolution", "data.max_images", "model.resolution", "train.images", "train.batch_size",
-             "train.warmup_images", "train.log_every_steps", "train.eval_every_images", "train.checkpoint_every_images",
-             "train.n_samples", "train.sample_steps", "train.max_wall_minutes", "eval.n", "eval.n_ref"}
+    sizes = {
+        "data.resolution",
+        "data.max_images",
+        "model.resolution",
+        "train.images",
+        "train.batch_size",
+        "train.warmup_images",
+        "train.log_every_steps",
+        "train.eval_every_images",
+        "train.checkpoint_every_images",
+        "train.n_samples",
+        "train.sample_steps",
+        "train.max_wall_minutes",
+        "eval.n",
+        "eval.n_ref",
+    }
     assert changed <= sizes, changed - sizes
-    assert (path["data.codec"], path["model.channels"], path["train.precision"], path["train.vram_cap_gb"]) == \
-        ("sd-vae", [64, 128, 256], "fp16", 16)
+    assert (path["data.codec"], path["model.channels"], path["train.precision"], path["train.vram_cap_gb"]) == (
+        "sd-vae",
+        [64, 128, 256],
+        "fp16",
+        16,
+    )
 
 
 def test_the_t4_path_runs_on_the_cpu_with_the_sd_vae_architecture(repo, tmp_path):
@@ -253,8 +295,20 @@ def test_the_t4_path_runs_on_the_cpu_with_the_sd_vae_architecture(repo, tmp_path
 
     vae = random_sd_vae(tmp_path / "sd-vae-random")
     arms = write_arm(tmp_path / "arms", "baseline", {"data.codec_weights": str(vae)})
-    result = cli(repo, tmp_path, "--ablation", "baseline", "--budget", "t4-path-cpu", "--ablations-dir", str(arms),
-                 "--experiment", "t4", "--device", "cpu")
+    result = cli(
+        repo,
+        tmp_path,
+        "--ablation",
+        "baseline",
+        "--budget",
+        "t4-path-cpu",
+        "--ablations-dir",
+        str(arms),
+        "--experiment",
+        "t4",
+        "--device",
+        "cpu",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     client, run = only_trial_run(tmp_path, "t4")
     assert run.info.status == "FINISHED" and run.data.tags["precision"] == "fp16"
@@ -273,9 +327,14 @@ def test_the_t4_path_runs_on_the_cpu_with_the_sd_vae_architecture(repo, tmp_path
 
 def test_gpu_check_runs_on_the_cpu_in_fast_mode(repo, tmp_path):
     out = tmp_path / "figures.json"
-    result = subprocess.run([sys.executable, "study/gpu_check.py", "--device", "cpu", "--fast", "--out", str(out)],
-                            cwd=repo, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "LIQUID_DIFFUSION_CACHE": str(shared_cache(repo))})
+    result = subprocess.run(
+        [sys.executable, "study/gpu_check.py", "--device", "cpu", "--fast", "--out", str(out)],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "LIQUID_DIFFUSION_CACHE": str(shared_cache(repo))},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(out.read_text())
     assert set(figures["throughput"]) == {f"micro-4x1x8x8/{p}" for p in ("fp32", "fp16", "bf16")}
@@ -298,7 +357,8 @@ def test_unknown_precision_is_one_line_and_exit_2(repo, tmp_path):
 def test_cuda_without_cuda_is_one_line_and_exit_2(repo, tmp_path, script):
     args = ["--ablation", "baseline", "--budget", "cpu-smoke", "--device", "cuda"] if script.endswith("run.py") else []
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    result = subprocess.run([sys.executable, script, *args], cwd=repo, env=env, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, script, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=120
+    )
     assert_clean_error(result, "device=cuda is not available")
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "optuna.db").exists()  # nothing half-made

@@ -12,7 +12,9 @@ ARMS = load_arms()
 
 
 def fast_and_reference(arm: str):
-    cfg = ARMS[arm].apply(ExperimentConfig(model=ModelConfig.preset("micro"))).model.replace(in_channels=3, resolution=16)
+    cfg = (
+        ARMS[arm].apply(ExperimentConfig(model=ModelConfig.preset("micro"))).model.replace(in_channels=3, resolution=16)
+    )
     torch.manual_seed(0)
     fast = LiquidUNet(cfg)
     with torch.no_grad():  # move off the zero init, so every path carries signal

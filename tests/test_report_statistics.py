@@ -54,9 +54,12 @@ def test_pairing_finds_a_small_steady_effect_under_a_large_seed_effect_that_welc
 
 
 def test_holm_turns_a_nominal_difference_into_no_clear_difference(store):
-    arms = {"baseline": BASELINE,
-            "nominal": [10.6, 21.6, 30.6, 41.0],  # paired p = 0.028 alone, 0.084 after Holm over 3
-            "null_a": [10.2, 19.5, 30.4, 39.8], "null_b": [9.6, 20.3, 29.9, 40.5]}
+    arms = {
+        "baseline": BASELINE,
+        "nominal": [10.6, 21.6, 30.6, 41.0],  # paired p = 0.028 alone, 0.084 after Holm over 3
+        "null_a": [10.2, 19.5, 30.4, 39.8],
+        "null_b": [9.6, 20.3, 29.9, 40.5],
+    }
     summary, rho = summary_of(store, arms)
     raw = {arm: stats.ttest_rel(arms[arm], BASELINE).pvalue for arm in ("nominal", "null_a", "null_b")}
     assert raw["nominal"] < 0.05  # significant before the correction ...
@@ -66,10 +69,12 @@ def test_holm_turns_a_nominal_difference_into_no_clear_difference(store):
         assert bool(summary.loc[arm, "significant"]) == bool(significant)
     assert summary.loc["nominal", "p_holm"] > 0.05 and not summary.loc["nominal", "significant"]  # ... not after
     row = summary.loc["nominal"]
-    sentence = (f"nominal (mnist): no clear difference at 4 seeds: fd_digits {row['delta']:+.3g} "
-                f"({row['delta_rel_pct']:+.1f}%) vs baseline (paired t 95% CI [{row['paired_ci_low']:+.3g}, "
-                f"{row['paired_ci_high']:+.3g}], Holm p = {row['p_holm']:.2g}); the smallest difference these seeds "
-                f"could detect (80% power) is {row['mde']:.3g}.")
+    sentence = (
+        f"nominal (mnist): no clear difference at 4 seeds: fd_digits {row['delta']:+.3g} "
+        f"({row['delta_rel_pct']:+.1f}%) vs baseline (paired t 95% CI [{row['paired_ci_low']:+.3g}, "
+        f"{row['paired_ci_high']:+.3g}], Holm p = {row['p_holm']:.2g}); the smallest difference these seeds "
+        f"could detect (80% power) is {row['mde']:.3g}."
+    )
     assert sentence in findings(summary.reset_index(), "baseline", rho)
 
 
@@ -79,8 +84,10 @@ def test_a_single_seed_arm_gets_a_delta_but_no_interval_and_says_why(store):
     assert row["delta"] == pytest.approx(12.0 - np.mean(BASELINE)) and row["note"] == "one seed: no CI"
     assert all(np.isnan(row[c]) for c in ("paired_ci_low", "welch_ci_low", "p", "p_holm", "mde", "p_improvement"))
     assert not row["significant"]
-    assert ("once (mnist): fd_digits -13 (-52.0%) vs baseline, 1 seed; no test (one seed: no CI): anecdotal "
-            "(lower is better).") in findings(summary.reset_index(), "baseline", rho)
+    assert (
+        "once (mnist): fd_digits -13 (-52.0%) vs baseline, 1 seed; no test (one seed: no CI): anecdotal "
+        "(lower is better)."
+    ) in findings(summary.reset_index(), "baseline", rho)
 
 
 def test_probability_of_improvement_counts_every_pair_of_runs_and_its_bootstrap_ci_is_reproducible(store):
@@ -99,8 +106,9 @@ def test_a_higher_is_better_objective_calls_a_higher_arm_better(store):
     summary, rho = summary_of(store, arms, objective="eval/confident_frac")
     row = summary.loc["sharper"]
     assert row["significant"] and row["delta"] > 0
-    assert row["p_improvement"] == pytest.approx(np.mean([a > b for a, b in itertools.product(arms["sharper"],
-                                                                                             arms["baseline"])]))
+    assert row["p_improvement"] == pytest.approx(
+        np.mean([a > b for a, b in itertools.product(arms["sharper"], arms["baseline"])])
+    )
     [sentence] = [s for s in findings(summary.reset_index(), "baseline", rho) if s.startswith("sharper")]
     assert sentence.startswith("sharper (mnist): better than baseline: confident_frac +0.06 (+9.2%)")
     assert sentence.endswith("(higher is better).")
@@ -116,8 +124,9 @@ def test_the_final_value_is_compared_even_where_an_earlier_evaluation_was_better
     assert summary.set_index("arm").loc["dip", "mean"] == pytest.approx(12.0)
 
 
-@pytest.mark.parametrize("replicates", [pytest.param(True, id="same ranking in both halves"),
-                                        pytest.param(False, id="ranking reversed")])
+@pytest.mark.parametrize(
+    "replicates", [pytest.param(True, id="same ranking in both halves"), pytest.param(False, id="ranking reversed")]
+)
 def test_replication_is_spearman_s_rho_between_two_halves_of_the_seeds(store, replicates):
     first = {"baseline": 10.0, "a": 11.0, "b": 12.0, "c": 13.0}
     second = first if replicates else {arm: 23.0 - value for arm, value in first.items()}

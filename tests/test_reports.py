@@ -8,12 +8,11 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import assert_clean_error
 from mlflow import MlflowClient
 from scipy import stats
 
 from reports.synthetic import make_experiment
-
-from conftest import assert_clean_error
 
 ARMS = {"baseline": [10.0, 12.0, 14.0], "no_relax": [13.0, 15.0, 17.5], "mix_3": [11.0]}
 
@@ -24,8 +23,22 @@ def built(tmp_path_factory, repo):
     root = tmp_path_factory.mktemp("report")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     make_experiment(MlflowClient(uri), "synth", ARMS, untidy=True, grids=True)
-    result = subprocess.run([sys.executable, "reports/build.py", "--experiment", "synth", "--out", str(root / "out"),
-                             "--tracking-uri", uri], cwd=repo, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "reports/build.py",
+            "--experiment",
+            "synth",
+            "--out",
+            str(root / "out"),
+            "--tracking-uri",
+            uri,
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return root / "out", result
 
@@ -41,10 +54,12 @@ def test_summary_csv_has_the_exact_means_stds_deltas_and_scipy_s_welch_ci(built)
     assert summary.loc["no_relax", "delta_rel_pct"] == pytest.approx(100 * (np.mean(ARMS["no_relax"]) - 12) / 12)
     ci = stats.ttest_ind(ARMS["no_relax"], ARMS["baseline"], equal_var=False).confidence_interval(0.95)
     assert (summary.loc["no_relax", "welch_ci_low"], summary.loc["no_relax", "welch_ci_high"]) == pytest.approx(
-        (ci.low, ci.high), rel=1e-9)
+        (ci.low, ci.high), rel=1e-9
+    )
     paired = stats.ttest_rel(ARMS["no_relax"], ARMS["baseline"]).confidence_interval(0.95)
     assert (summary.loc["no_relax", "paired_ci_low"], summary.loc["no_relax", "paired_ci_high"]) == pytest.approx(
-        (paired.low, paired.high), rel=1e-9)
+        (paired.low, paired.high), rel=1e-9
+    )
     assert summary.loc["no_relax", "significant"] and summary.loc["no_relax", "values"] == "0:13 1:15 2:17.5"
     # one seed: a delta but no interval, and the reason
     assert summary.loc["mix_3", "delta"] == pytest.approx(-1.0) and np.isnan(summary.loc["mix_3", "welch_ci_low"])
@@ -63,10 +78,14 @@ def test_html_has_every_section_embeds_its_images_and_requests_nothing(built):
     assert page.count("src='data:image/png;base64,") == 5  # forest, seed points, curves, t-bins, sample grids
     assert "http://" not in page and "https://" not in page and "<script" not in page and "<link" not in page
     assert "1 RUNNING run(s) left out: baseline seed 90" in page
-    assert ("no_relax (mnist): worse than baseline: fd_digits +3.17 (+26.4%) vs baseline (paired t 95% CI [+2.45, "
-            "+3.88], Holm p = 0.0028), 3 seeds; P(improvement) = 0.11 [0.00, 0.44] (lower is better).") in page
-    assert ("mix_3 (mnist): fd_digits -1 (-8.3%) vs baseline, 1 seed; no test (one seed: no CI): anecdotal (lower "
-            "is better).") in page
+    assert (
+        "no_relax (mnist): worse than baseline: fd_digits +3.17 (+26.4%) vs baseline (paired t 95% CI [+2.45, "
+        "+3.88], Holm p = 0.0028), 3 seeds; P(improvement) = 0.11 [0.00, 0.44] (lower is better)."
+    ) in page
+    assert (
+        "mix_3 (mnist): fd_digits -1 (-8.3%) vs baseline, 1 seed; no test (one seed: no CI): anecdotal (lower "
+        "is better)."
+    ) in page
     assert "digit-classifier feature space (not FID)" in page and "torch 2.14.1" in page
 
 
@@ -106,24 +125,56 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(repo, tmp_path, case
     client = MlflowClient(uri)
     client.create_experiment("empty")
     make_experiment(client, "small", {"baseline": [1.0]})
-    args = {"unknown experiment": ["--experiment", "nope"], "no trial runs": ["--experiment", "empty"],
-            "unknown baseline": ["--experiment", "small", "--baseline", "base"], "bad option": ["--colour"]}[case]
-    expected = {"unknown experiment": "unknown experiment 'nope'", "no trial runs": "has no trial runs",
-                "unknown baseline": "--baseline 'base' has no runs", "bad option": "unrecognized arguments"}[case]
-    result = subprocess.run([sys.executable, "reports/build.py", *args, "--out", str(tmp_path / "out"),
-                             "--tracking-uri", uri], cwd=repo, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    args = {
+        "unknown experiment": ["--experiment", "nope"],
+        "no trial runs": ["--experiment", "empty"],
+        "unknown baseline": ["--experiment", "small", "--baseline", "base"],
+        "bad option": ["--colour"],
+    }[case]
+    expected = {
+        "unknown experiment": "unknown experiment 'nope'",
+        "no trial runs": "has no trial runs",
+        "unknown baseline": "--baseline 'base' has no runs",
+        "bad option": "unrecognized arguments",
+    }[case]
+    result = subprocess.run(
+        [sys.executable, "reports/build.py", *args, "--out", str(tmp_path / "out"), "--tracking-uri", uri],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+    )
     assert_clean_error(result, expected)
     assert not (tmp_path / "out" / "report.html").exists()
 
 
 def test_unverified_inception_weights_are_flagged_in_the_report(repo, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    make_experiment(MlflowClient(uri), "unverified", {"baseline": [30.0, 32.0], "no_relax": [31.0, 35.0]},
-                    dataset="afhq", objective="eval/fid_unverified", extra_tags={"weights": "unverified"})
-    result = subprocess.run([sys.executable, "reports/build.py", "--experiment", "unverified", "--out",
-                             str(tmp_path / "out"), "--tracking-uri", uri], cwd=repo, capture_output=True, text=True,
-                            timeout=300)
+    make_experiment(
+        MlflowClient(uri),
+        "unverified",
+        {"baseline": [30.0, 32.0], "no_relax": [31.0, 35.0]},
+        dataset="afhq",
+        objective="eval/fid_unverified",
+        extra_tags={"weights": "unverified"},
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "reports/build.py",
+            "--experiment",
+            "unverified",
+            "--out",
+            str(tmp_path / "out"),
+            "--tracking-uri",
+            uri,
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     page = (tmp_path / "out" / "report.html").read_text()
     assert "afhq: objective eval/fid_unverified" in page and "Inception weights: UNVERIFIED" in page

@@ -5,14 +5,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
 import torch
 import yaml
-from mlflow.tracking import MlflowClient
-
 from conftest import assert_clean_error
+from mlflow.tracking import MlflowClient
 
 REPO_RUN = [sys.executable, "study/run.py"]
 
@@ -20,8 +20,12 @@ REPO_RUN = [sys.executable, "study/run.py"]
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-           "LIQUID_DIFFUSION_CACHE": str(root / "cache"), "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+        "LIQUID_DIFFUSION_CACHE": str(root / "cache"),
+        "PYTHONUNBUFFERED": "1",
+    }
     return root, env
 
 
@@ -44,16 +48,32 @@ def runs_of(env, experiment, **tags):
 
 def test_smoke_run_logs_tags_params_metrics_samples_and_weights(repo, store):
     root, env = store
-    result = run_cli(repo, env, "--ablation", "no_relax", "--budget", "cpu-smoke", "--experiment", "smoke",
-                     "--out", str(root / "outputs"), "--no-progress")
+    result = run_cli(
+        repo,
+        env,
+        "--ablation",
+        "no_relax",
+        "--budget",
+        "cpu-smoke",
+        "--experiment",
+        "smoke",
+        "--out",
+        str(root / "outputs"),
+        "--no-progress",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "COMPLETE: MLflow run" in result.stdout and "mlflow ui --backend-store-uri" in result.stdout
     assert "harness overhead" in result.stdout
     [run] = runs_of(env, "smoke")
     assert run.info.status == "FINISHED"
     assert {k: run.data.tags[k] for k in ("ablation", "dataset", "seed", "budget", "study", "optuna.state")} == {
-        "ablation": "no_relax", "dataset": "mnist", "seed": "0", "budget": "cpu-smoke",
-        "study": "smoke:no_relax:mnist:cpu-smoke", "optuna.state": "COMPLETE"}
+        "ablation": "no_relax",
+        "dataset": "mnist",
+        "seed": "0",
+        "budget": "cpu-smoke",
+        "study": "smoke:no_relax:mnist:cpu-smoke",
+        "optuna.state": "COMPLETE",
+    }
     [parent] = runs_of(env, "smoke", kind="study")
     assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id and parent.info.status == "FINISHED"
     params = run.data.params
@@ -76,7 +96,7 @@ def test_smoke_run_logs_tags_params_metrics_samples_and_weights(repo, store):
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "ema", "images"} <= artifacts
-    config = yaml.safe_load(open(client.download_artifacts(run.info.run_id, "config.yaml", str(root))))
+    config = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml", str(root))).read_text())
     assert config["model"]["relax"] == "none"
     ema = {a.path for a in client.list_artifacts(run.info.run_id, "ema")}
     assert "ema/diffusion_pytorch_model.safetensors" in ema and "ema/config.json" in ema
@@ -85,8 +105,19 @@ def test_smoke_run_logs_tags_params_metrics_samples_and_weights(repo, store):
     steps = sorted({int(p.split("+step+")[1].split("+")[0]) for p in images if p.endswith(".png")})
     assert steps == [48, 96]
 
-    again = run_cli(repo, env, "--ablation", "no_relax", "--budget", "cpu-smoke", "--experiment", "smoke",
-                    "--out", str(root / "outputs"), "--no-progress")
+    again = run_cli(
+        repo,
+        env,
+        "--ablation",
+        "no_relax",
+        "--budget",
+        "cpu-smoke",
+        "--experiment",
+        "smoke",
+        "--out",
+        str(root / "outputs"),
+        "--no-progress",
+    )
     assert again.returncode == 0 and "== no_relax" not in again.stdout  # nothing left to train
     assert len(runs_of(env, "smoke")) == 1 and len(runs_of(env, "smoke", kind="study")) == 1
 
@@ -123,8 +154,9 @@ def test_unexpected_error_marks_the_run_failed_with_the_error(in_process, monkey
 
     monkeypatch.setattr(trial.Trainer, "run", broken_run)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        trial.run_trial(cfg, {"ablation": "baseline", "kind": "trial"}, tmp_path / "run", "crash", device="cpu",
-                        progress=False)
+        trial.run_trial(
+            cfg, {"ablation": "baseline", "kind": "trial"}, tmp_path / "run", "crash", device="cpu", progress=False
+        )
     [run] = runs_of(env, "crash")
     assert run.info.status == "FAILED" and run.data.tags["error"] == "RuntimeError: disk on fire"
 
@@ -133,12 +165,31 @@ def test_sigterm_marks_the_run_killed_and_a_rerun_resumes_it(repo, store, tmp_pa
     root, env = store
     budgets = yaml.safe_load((repo / "study" / "budgets.yaml").read_text())
     smoke = budgets["cpu-smoke"]
-    smoke["overrides"].update({"train.images": 1600, "train.checkpoint_every_images": 32,
-                               "train.eval_every_images": 800, "train.log_every_steps": 5})
+    smoke["overrides"].update(
+        {
+            "train.images": 1600,
+            "train.checkpoint_every_images": 32,
+            "train.eval_every_images": 800,
+            "train.log_every_steps": 5,
+        }
+    )
     (tmp_path / "budgets.yaml").write_text(yaml.safe_dump({"cpu-smoke": smoke}))
-    args = ["--ablation", "baseline", "--budget", "cpu-smoke", "--experiment", "sigterm", "--no-progress",
-            "--out", str(tmp_path / "outputs"), "--budgets-file", str(tmp_path / "budgets.yaml")]
-    process = subprocess.Popen([*REPO_RUN, *args], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = [
+        "--ablation",
+        "baseline",
+        "--budget",
+        "cpu-smoke",
+        "--experiment",
+        "sigterm",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "outputs"),
+        "--budgets-file",
+        str(tmp_path / "budgets.yaml"),
+    ]
+    process = subprocess.Popen(
+        [*REPO_RUN, *args], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 120
     while not list((tmp_path / "outputs").rglob("checkpoint-*")) and time.time() < deadline:
         time.sleep(0.2)
@@ -174,9 +225,22 @@ def test_bad_values_exit_2_with_one_line(repo, store, args, fragment):
 
 def test_unreachable_hub_dataset_exits_2_before_any_run(repo, store, tmp_path, random_inception_weights):
     root, env = store
-    result = run_cli(repo, env, "--ablation", "no_relax", "--dataset", "afhq", "--experiment", "hub",
-                     "--out", str(tmp_path), "--inception-weights", str(random_inception_weights),
-                     "--allow-unverified-weights", timeout=120)
+    result = run_cli(
+        repo,
+        env,
+        "--ablation",
+        "no_relax",
+        "--dataset",
+        "afhq",
+        "--experiment",
+        "hub",
+        "--out",
+        str(tmp_path),
+        "--inception-weights",
+        str(random_inception_weights),
+        "--allow-unverified-weights",
+        timeout=120,
+    )
     assert_clean_error(result, "huggan/AFHQv2")
     assert runs_of(env, "hub") == []
 
@@ -187,7 +251,18 @@ def test_fid_objective_without_weights_fails_before_training(repo, store, tmp_pa
     folder.mkdir()
     env = {**env, "TORCH_HOME": str(tmp_path / "torch")}
     env.pop("LIQUID_DIFFUSION_INCEPTION_WEIGHTS", None)
-    result = run_cli(repo, env, "--ablation", "baseline", "--dataset", str(folder), "--experiment", "noweights",
-                     "--out", str(tmp_path / "out"), timeout=120)
+    result = run_cli(
+        repo,
+        env,
+        "--ablation",
+        "baseline",
+        "--dataset",
+        str(folder),
+        "--experiment",
+        "noweights",
+        "--out",
+        str(tmp_path / "out"),
+        timeout=120,
+    )
     assert_clean_error(result, "--inception-weights PATH")
     assert runs_of(env, "noweights") == [] and not (tmp_path / "out").exists()

@@ -4,19 +4,29 @@ import time
 import pytest
 import torch
 
+from liquid_diffusion import LiquidUNet
+from liquid_diffusion.codecs import PixelCodec
 from liquid_diffusion.config import ExperimentConfig
 from liquid_diffusion.train import NonFiniteLoss, OverBudget, Trainer
-from liquid_diffusion.codecs import PixelCodec
-from liquid_diffusion import LiquidUNet
 
 
 def smoke_config(**train) -> ExperimentConfig:
-    return ExperimentConfig().with_overrides({
-        "data.resolution": 8, "model.preset": "micro",
-        "train.images": 96, "train.batch_size": 16, "train.lr": 1e-3, "train.warmup_images": 32,
-        "train.log_every_steps": 1, "train.eval_every_images": 48, "train.checkpoint_every_images": 32,
-        "train.n_samples": 4, "train.sample_steps": 2, **{f"train.{k}": v for k, v in train.items()},
-    })
+    return ExperimentConfig().with_overrides(
+        {
+            "data.resolution": 8,
+            "model.preset": "micro",
+            "train.images": 96,
+            "train.batch_size": 16,
+            "train.lr": 1e-3,
+            "train.warmup_images": 32,
+            "train.log_every_steps": 1,
+            "train.eval_every_images": 48,
+            "train.checkpoint_every_images": 32,
+            "train.n_samples": 4,
+            "train.sample_steps": 2,
+            **{f"train.{k}": v for k, v in train.items()},
+        }
+    )
 
 
 def latents(n=64):
@@ -62,7 +72,9 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
     assert sorted(resumed.losses) == [80, 96]
     for step in (80, 96):
         assert resumed.losses[step] == pytest.approx(whole.losses[step], rel=1e-6, abs=1e-6)
-    ema_whole = Trainer(cfg, latents(), PixelCodec(), tmp_path / "whole", device="cpu", progress=False).ema.shadow_params
+    ema_whole = Trainer(
+        cfg, latents(), PixelCodec(), tmp_path / "whole", device="cpu", progress=False
+    ).ema.shadow_params
     ema_resumed = trainer.ema.shadow_params
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(ema_whole, ema_resumed))
 
@@ -95,7 +107,9 @@ def test_seeded_runs_are_identical_and_seeds_differ(tmp_path):
     a, b, c = Recorder(), Recorder(), Recorder()
     Trainer(smoke_config(images=32), latents(), PixelCodec(), tmp_path / "a", a, device="cpu", progress=False).run()
     Trainer(smoke_config(images=32), latents(), PixelCodec(), tmp_path / "b", b, device="cpu", progress=False).run()
-    Trainer(smoke_config(images=32, seed=1), latents(), PixelCodec(), tmp_path / "c", c, device="cpu", progress=False).run()
+    Trainer(
+        smoke_config(images=32, seed=1), latents(), PixelCodec(), tmp_path / "c", c, device="cpu", progress=False
+    ).run()
     assert a.losses == b.losses and a.losses != c.losses
 
 
@@ -108,7 +122,9 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
 
 def test_wall_clock_cap_ends_the_run_over_budget(tmp_path):
     with pytest.raises(OverBudget, match="over budget"):
-        Trainer(smoke_config(max_wall_minutes=1e-6), latents(), PixelCodec(), tmp_path, device="cpu", progress=False).run()
+        Trainer(
+            smoke_config(max_wall_minutes=1e-6), latents(), PixelCodec(), tmp_path, device="cpu", progress=False
+        ).run()
 
 
 class SlowEvaluator:
@@ -125,8 +141,9 @@ class SlowEvaluator:
 def test_evaluation_is_logged_but_not_charged_to_the_wall_clock_cap(tmp_path):
     recorder = MetricRecorder()
     cfg = smoke_config(max_wall_minutes=0.05)  # 3 s; the two evaluations alone take 4 s
-    result = Trainer(cfg, latents(), PixelCodec(), tmp_path, recorder, device="cpu", progress=False,
-                     evaluator=SlowEvaluator(2.0)).run()
+    result = Trainer(
+        cfg, latents(), PixelCodec(), tmp_path, recorder, device="cpu", progress=False, evaluator=SlowEvaluator(2.0)
+    ).run()
     assert result.images_seen == 96 and result.seconds["eval"] >= 4.0
     assert [step for step, metrics in recorder.logged if "eval/mean" in metrics] == [48, 96]
 
@@ -151,8 +168,9 @@ def test_compiled_training_matches_eager_training(tmp_path):
     eager, compiled = Recorder(), Recorder()
     cfg = smoke_config(images=48)
     Trainer(cfg, latents(), PixelCodec(), tmp_path / "eager", eager, device="cpu", progress=False).run()
-    trainer = Trainer(cfg, latents(), PixelCodec(), tmp_path / "compiled", compiled, device="cpu", progress=False,
-                      compile=True)
+    trainer = Trainer(
+        cfg, latents(), PixelCodec(), tmp_path / "compiled", compiled, device="cpu", progress=False, compile=True
+    )
     assert hasattr(trainer.train_model, "_orig_mod")  # the forward really goes through torch.compile
     trainer.run()
     assert sorted(compiled.losses) == sorted(eager.losses)
@@ -167,8 +185,9 @@ def test_one_seed_gives_every_arm_the_same_batches_t_draws_and_sample_noise(tmp_
     from study.arms import OverrideSet, load_arms
 
     def draws(arm):
-        trainer = Trainer(arm.apply(smoke_config(seed=3)), latents(), PixelCodec(), tmp_path / arm.name, device="cpu",
-                          progress=False)
+        trainer = Trainer(
+            arm.apply(smoke_config(seed=3)), latents(), PixelCodec(), tmp_path / arm.name, device="cpu", progress=False
+        )
         batches = [trainer._batch() for _ in range(3)]
         return batches, trainer.sample_noise
 

@@ -1,0 +1,79 @@
+"""What the command lines (study/run.py, study/eval.py, reports/build.py) share: the parser, the default
+experiment, SIGTERM as Ctrl-C, and the exit codes: 2 and one line for bad input, 130 when interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+from .config import ConfigError
+
+DEFAULT_EXPERIMENT = "liquid-diffusion"
+CACHE_DIR_HELP = (
+    "latent, classifier and reference-statistics cache (default: $LIQUID_DIFFUSION_CACHE or ~/.cache/liquid_diffusion)"
+)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line on stderr and exit 2, like every other error here."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def int_at_least(lowest: int):
+    """An argparse type: an integer >= lowest, or a one-line usage error naming the value."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < lowest:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}; expected an integer >= {lowest}")
+        return value
+
+    return parse
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt, so a terminated command (a closed notebook, a cluster's scheduler)
+    cleans up exactly as after a Ctrl-C."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_command(main: Callable[[], int], prog: str, on_interrupt: str) -> int:
+    """main()'s exit code, with the error handling every command line here shares.
+
+    Bad input (ConfigError, DataError among them) is one line on stderr and exit code 2; Ctrl-C or
+    SIGTERM says `on_interrupt` and exits 130; a reader that stops early (`run.py --list | head`) is
+    not an error worth a traceback. argparse's own usage errors exit 2 before main() gets this far.
+    """
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        with sigterm_as_interrupt():
+            return main()
+    except ConfigError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; {on_interrupt}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader closed the pipe: point stdout at /dev/null so that Python's flush at exit is quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
