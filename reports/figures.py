@@ -100,7 +100,9 @@ def forest(summary: pd.DataFrame, dataset: str, baseline: str) -> plt.Figure:
     for y, (_, row) in enumerate(rows.iterrows()):
         ax.plot([row["welch_ci_low"], row["welch_ci_high"]], [y, y], color="0.6", lw=1)
         ax.plot([row["paired_ci_low"], row["paired_ci_high"]], [y, y], color="C0", lw=3)
-        ax.plot(row["delta"], y, "o", color="C3", mfc="C3" if row["significant"] else "white", ms=7)
+        # the paired estimate where there is one, so the point lies inside its own interval
+        point = row["delta"] if np.isnan(row["paired_delta"]) else row["paired_delta"]
+        ax.plot(point, y, "o", color="C3", mfc="C3" if row["significant"] else "white", ms=7)
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(range(len(rows)), rows["arm"])
     objective = rows["objective"].iloc[0] if len(rows) else ""
