@@ -196,15 +196,17 @@ def test_sigterm_marks_the_run_killed_and_a_rerun_resumes_it(repo, store, tmp_pa
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-2000:]
-    assert "Traceback" not in stderr and "KILLED" in stderr
-    [run] = runs_of(env, "sigterm")
+    assert "Traceback" not in stderr
+    [run], [parent] = runs_of(env, "sigterm"), runs_of(env, "sigterm", kind="study")
     assert run.info.status == "KILLED" and "interrupted" in run.data.tags["reason"]
+    assert parent.info.status == "KILLED"  # the study is unfinished, and says so
 
     result = run_cli(repo, env, *args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed at" in result.stdout
-    [again] = runs_of(env, "sigterm")
+    [again], [parent_again] = runs_of(env, "sigterm"), runs_of(env, "sigterm", kind="study")
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert parent_again.info.run_id == parent.info.run_id and parent_again.info.status == "FINISHED"
 
 
 @pytest.mark.parametrize(
