@@ -121,3 +121,33 @@ def test_codec_digest_follows_the_weights(tmp_path):
 def test_uncached_hub_codec_fails_with_the_fix():
     with pytest.raises(DataError, match="stabilityai/sd-vae-ft-mse.*codec_weights"):
         load_codec("sd-vae")
+
+
+def _encode_with(tmp_path, change: str) -> CountingCodec:
+    """Encode the folder once as the reference, then once with one part of the cache key changed."""
+    folder = write_images(tmp_path / "data", n=3)
+    encode(folder, tmp_path / "cache", CountingCodec())
+    data, codec = {}, CountingCodec()
+    if change == "resolution":
+        data = {"resolution": 16}
+    elif change == "max_images":
+        data = {"max_images": 2}
+    elif change == "codec name":
+        codec.name = "other-codec"
+    elif change == "codec weights":
+        codec.digest = "other-weights"
+    cfg = DataConfig(dataset=str(folder), **{"resolution": 8, "channels": 3, **data})
+    source = open_source(cfg)
+    if change == "data digest":  # what the MNIST digest and a hub dataset's fingerprint feed into
+        source.digest = "another-content"
+    load_or_encode(source, codec, cfg, tmp_path / "cache", progress=False)
+    return codec
+
+
+@pytest.mark.parametrize("change", ["resolution", "max_images", "codec name", "codec weights", "data digest"])
+def test_every_part_of_the_cache_key_misses_when_it_changes(tmp_path, change):
+    assert _encode_with(tmp_path, change).calls > 0
+
+
+def test_the_same_key_hits(tmp_path):
+    assert _encode_with(tmp_path, "nothing").calls == 0
