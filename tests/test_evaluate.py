@@ -129,6 +129,35 @@ def test_the_environment_variable_and_the_hub_cache_are_searched(random_inceptio
     assert INCEPTION_SHA256.startswith("6726825d")  # torch.hub's convention: the name carries the hash prefix
 
 
+def test_a_file_with_the_standard_hash_is_verified_and_found_flag_first_then_env_then_hub_cache(
+    random_inception_weights, monkeypatch, tmp_path
+):
+    """The verified branch, with the expected SHA-256 patched to a random-weight file's: the real file
+    cannot be downloaded here. Three copies tell the places apart."""
+    from liquid_diffusion import inception
+    from liquid_diffusion.evaluate import objective_key
+
+    monkeypatch.setattr(inception, "INCEPTION_SHA256", inception.sha256_of(random_inception_weights))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr("liquid_diffusion.inception.reachable", lambda url: False)
+    flag, env = tmp_path / "flag.pth", tmp_path / "env.pth"
+    hub = tmp_path / "hub" / "checkpoints" / inception.INCEPTION_FILE
+    hub.parent.mkdir(parents=True)
+    for copy in (flag, env, hub):
+        copy.write_bytes(random_inception_weights.read_bytes())
+    monkeypatch.setenv(inception.WEIGHTS_ENV, str(env))
+
+    assert resolve_inception_weights(flag).path == flag  # --inception-weights first
+    assert resolve_inception_weights().path == env  # then the environment variable
+    monkeypatch.delenv(inception.WEIGHTS_ENV)
+    weights = resolve_inception_weights()  # then torch.hub's cache
+    assert weights.path == hub and weights.verified and weights.tag == "verified"
+    fid = ExperimentConfig().with_overrides({"data.dataset": "afhq", "eval.metrics": ["fid"], "eval.objective": "fid"})
+    assert objective_key(fid, weights) == "eval/fid"  # the name FID only with verified weights
+    monkeypatch.setattr(inception, "INCEPTION_SHA256", INCEPTION_SHA256)  # the real hash: the same file is not it
+    assert objective_key(fid, resolve_inception_weights(flag, allow_unverified=True)) == "eval/fid_unverified"
+
+
 def write_folder(root, seed: int, count: int = 8):
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
