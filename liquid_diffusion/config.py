@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 
 
 class ConfigError(ValueError):
@@ -49,18 +50,54 @@ def _int_tuple(name: str, value: Any) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _normalised(name: str, value: Any, kind: Any) -> Any:
+    """A value as YAML or a command line spells it, in the field's own type: on/off as a bool, a single
+    number or a list as a tuple. Anything else is left for the checks."""
+    if kind is bool:
+        return _on_off(name, value)
+    if kind == tuple[int, ...]:
+        return _int_tuple(name, value)
+    if kind == tuple[str, ...]:
+        if isinstance(value, str):
+            value = (value,)
+        if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{name}={value!r} is not valid; expected a name or a non-empty list of names")
+        return tuple(value)
+    return value
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """A config dataclass's fields and their declared types (annotations are strings in this module)."""
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
 class _Section:
-    """Shared dict conversion for the config dataclasses; unknown keys are rejected with a hint."""
+    """Shared by the config dataclasses: dict conversion (unknown keys are rejected with a hint), and one
+    check of every field against its declared type: a `Literal[...]` lists a field's valid choices."""
+
+    PREFIX: ClassVar[str] = ""  # how error messages name this section's keys
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
         if not isinstance(data, dict):
             raise ConfigError(f"{cls.__name__} expects a mapping, got {type(data).__name__}")
-        valid = [f.name for f in fields(cls)]
+        types = _field_types(cls)
         for key in data:
-            if key not in valid:
-                raise ConfigError(f"unknown key '{key}' in {cls.__name__}{_closest(key, valid)}")
-        return cls(**data)
+            if key not in types:
+                raise ConfigError(f"unknown key '{key}' in {cls.__name__}{_closest(key, list(types))}")
+        return cls(**{key: _normalised(cls.PREFIX + key, value, types[key]) for key, value in data.items()})
+
+    def _check_types(self) -> None:
+        types = _field_types(type(self))
+        for f in fields(self):
+            name, value, kind = self.PREFIX + f.name, getattr(self, f.name), types[f.name]
+            if get_origin(kind) is Literal:
+                _choice(name, value, get_args(kind))
+            elif (normal := _normalised(name, value, kind)) != value or type(normal) is not type(value):
+                # Only code builds a section directly; files and overrides go through from_dict.
+                raise ConfigError(f"{name}={value!r} is not valid here; pass {normal!r} (or use from_dict)")
 
     def to_dict(self) -> dict[str, Any]:
         out = {}
@@ -72,11 +109,6 @@ class _Section:
     def replace(self, **changes):
         return self.from_dict({**self.to_dict(), **changes})
 
-
-MIXERS = ("cfc", "conv")
-GATES = ("default", "no_gate", "minimal", "time_free")
-RELAXES = ("temb", "t", "none")
-IN_CHANNELS = (1, 3, 4)
 
 # channels and depths per preset; parameter counts at 4x32x32 are checked in tests/test_model.py.
 PRESETS: dict[str, dict[str, tuple[int, ...]]] = {
@@ -94,24 +126,18 @@ class ModelConfig(_Section):
     channels: tuple[int, ...] = PRESETS["tiny"]["channels"]
     depths: tuple[int, ...] = PRESETS["tiny"]["depths"]
     mid_depth: int = 2
-    in_channels: int = 4
+    in_channels: Literal[1, 3, 4] = 4
     resolution: int = 32
-    mixer: str = "cfc"
-    gate: str = "default"
-    relax: str = "temb"
+    mixer: Literal["cfc", "conv"] = "cfc"
+    gate: Literal["default", "no_gate", "minimal", "time_free"] = "default"
+    relax: Literal["temb", "t", "none"] = "temb"
     kernels: tuple[int, ...] = (3, 5, 7)
     global_pool: bool = True
     adaln: bool = True
     ff_mult: int = 4
 
     def __post_init__(self):
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
-        set_("channels", _int_tuple("channels", self.channels))
-        set_("depths", _int_tuple("depths", self.depths))
-        set_("kernels", _int_tuple("kernels", self.kernels))
-        set_("global_pool", _on_off("global_pool", self.global_pool))
-        set_("adaln", _on_off("adaln", self.adaln))
-
+        self._check_types()
         if not self.channels or any(c <= 0 for c in self.channels):
             raise ConfigError(
                 f"channels={list(self.channels)} is not valid; expected a non-empty list of positive widths"
@@ -124,10 +150,6 @@ class ModelConfig(_Section):
         _number("mid_depth", self.mid_depth, 0, integer=True)
         _number("ff_mult", self.ff_mult, 1, integer=True)
         _number("resolution", self.resolution, 1, integer=True)
-        _choice("mixer", self.mixer, MIXERS)
-        _choice("gate", self.gate, GATES)
-        _choice("relax", self.relax, RELAXES)
-        _choice("in_channels", self.in_channels, IN_CHANNELS)
         if not self.kernels:
             raise ConfigError("kernels=[] is not valid; expected a non-empty list of odd sizes such as [3, 5, 7]")
         if any(k <= 0 or k % 2 == 0 for k in self.kernels):
@@ -151,11 +173,6 @@ class ModelConfig(_Section):
         return cls.from_dict({**PRESETS[name], **overrides})
 
 
-T_SAMPLINGS = ("uniform", "logit_normal")
-LR_SCHEDULES = ("constant", "cosine")
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-
-
 @dataclass(frozen=True)
 class TrainConfig(_Section):
     """One rectified-flow training run: optimiser, budget (in training images), precision and schedule."""
@@ -166,13 +183,14 @@ class TrainConfig(_Section):
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_images: int = 0
-    lr_schedule: str = "constant"  # after warmup: constant, or cosine decay to 0 at the budget's end
+    # after warmup: constant, or cosine decay to 0 at the budget's end
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     # SD3's logit-normal(0, 1) rather than the seed's uniform t: at the cpu-demo budget it is what
     # makes the digits recognisable (72% vs 67-69% confident samples); the uniform_t arm measures it.
-    t_sampling: str = "logit_normal"
-    precision: str = "auto"
+    t_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     log_every_steps: int = 10
     eval_every_images: int = 10_000
     checkpoint_every_images: int = 10_000
@@ -182,6 +200,7 @@ class TrainConfig(_Section):
     vram_cap_gb: float = 0.0
 
     def __post_init__(self):
+        self._check_types()
         for name in ("lr", "weight_decay", "grad_clip", "ema_decay", "max_wall_minutes", "vram_cap_gb"):
             _number(name, getattr(self, name))
         for name in ("seed", "warmup_images"):
@@ -198,12 +217,7 @@ class TrainConfig(_Section):
             _number(name, getattr(self, name), 1, integer=True)
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay={self.ema_decay!r} is not valid; expected 0 <= ema_decay < 1")
-        _choice("t_sampling", self.t_sampling, T_SAMPLINGS)
-        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        _choice("precision", self.precision, PRECISIONS)
 
-
-CODECS = ("pixel", "sd-vae", "taesd")
 
 # The seed README's verified datasets, by short name.
 HUB_DATASETS = {
@@ -247,22 +261,19 @@ class DataConfig(_Section):
 
     dataset: str = "mnist"
     resolution: int = 32
-    channels: int = 1
-    codec: str = "pixel"
+    channels: Literal[1, 3] = 1
+    codec: Literal["pixel", "sd-vae", "taesd"] = "pixel"
     codec_weights: str = ""  # hub id or local directory; empty means the codec's standard weights
     flip: bool = False
     streaming: bool = False
     max_images: int = 0  # 0 = every image
 
     def __post_init__(self):
-        object.__setattr__(self, "flip", _on_off("flip", self.flip))
-        object.__setattr__(self, "streaming", _on_off("streaming", self.streaming))
+        self._check_types()
         if not isinstance(self.dataset, str) or not self.dataset:
             raise ConfigError(f"dataset={self.dataset!r} is not valid; expected a name, hf:owner/name or a folder")
         _number("resolution", self.resolution, 1, integer=True)
         _number("max_images", self.max_images, 0, integer=True)
-        _choice("channels", self.channels, (1, 3))
-        _choice("codec", self.codec, CODECS)
         if self.codec != "pixel" and (self.channels != 3 or self.resolution % 8):
             raise ConfigError(
                 f"codec={self.codec} needs channels=3 and a resolution divisible by 8, got "
@@ -306,7 +317,6 @@ def loss_bin_key(i: int) -> str:
 DIGIT_METRICS = {"fd_digits": False, "kid_digits": False, "confident_frac": True, "class_entropy": True}
 INCEPTION_METRICS = {"fid": False, "kid": False, "precision": True, "recall": True}
 METRICS = {**DIGIT_METRICS, **INCEPTION_METRICS}
-REFERENCES = ("images", "roundtrip")
 
 
 @dataclass(frozen=True)
@@ -316,26 +326,23 @@ class EvalConfig(_Section):
     Samples come from the EMA weights, fixed noise seeds and `train.sample_steps` Euler steps.
     """
 
+    PREFIX: ClassVar[str] = "eval."
+
     n: int = 1000  # generated samples per evaluation
     n_ref: int = 0  # reference images drawn (seeded) from the dataset; 0 = the same as n
-    reference: str = "images"  # images as they are, or as they come back through the codec (roundtrip)
+    # images as they are, or as they come back through the codec (roundtrip)
+    reference: Literal["images", "roundtrip"] = "images"
     metrics: tuple[str, ...] = ("auto",)  # auto = the digit metrics for mnist, the Inception ones otherwise
     objective: str = "auto"  # the metric a study optimises; auto = fd_digits for mnist, fid otherwise
     kid_subset_size: int = 1000  # lowered to the smaller set's size when N is below it
     kid_subsets: int = 100
 
     def __post_init__(self):
-        metrics = (self.metrics,) if isinstance(self.metrics, str) else self.metrics
-        if not isinstance(metrics, (list, tuple)) or not metrics:
-            raise ConfigError(
-                f"metrics={self.metrics!r} is not valid; expected auto or a list of: {', '.join(METRICS)}"
-            )
-        object.__setattr__(self, "metrics", tuple(metrics))
+        self._check_types()
         if self.metrics != ("auto",):
             for name in self.metrics:
                 _choice("eval.metrics", name, tuple(METRICS))
         _choice("eval.objective", self.objective, ("auto", *METRICS))
-        _choice("eval.reference", self.reference, REFERENCES)
         _number("eval.n", self.n, 2, integer=True)  # a covariance needs two samples
         _number("eval.n_ref", self.n_ref, 0, integer=True)
         if self.n_ref == 1:
@@ -343,12 +350,11 @@ class EvalConfig(_Section):
         _number("eval.kid_subset_size", self.kid_subset_size, 2, integer=True)
         _number("eval.kid_subsets", self.kid_subsets, 1, integer=True)
 
-    def resolved(self, dataset: str) -> tuple[tuple[str, ...], str]:
-        """(metrics, objective) with `auto` replaced by the dataset's defaults."""
-        digits = dataset == "mnist"
-        metrics = self.metrics if self.metrics != ("auto",) else tuple(DIGIT_METRICS if digits else INCEPTION_METRICS)
-        objective = self.objective if self.objective != "auto" else ("fd_digits" if digits else "fid")
-        return metrics, objective
+
+def _model_for(data: DataConfig, model: ModelConfig) -> ModelConfig:
+    """The model's input shape is not a free choice: it follows from the data and the codec."""
+    channels, size = data.latent_shape
+    return model.replace(in_channels=channels, resolution=size)
 
 
 @dataclass(frozen=True)
@@ -356,16 +362,18 @@ class ExperimentConfig:
     """The resolved configuration of one arm: what is logged as params and printed by --dry-run."""
 
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=lambda: _model_for(DataConfig(), ModelConfig()))
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
-        # The model's input shape is not a free choice: it follows from the data and the codec.
-        channels, size = self.data.latent_shape
-        if (self.model.in_channels, self.model.resolution) != (channels, size):
-            object.__setattr__(self, "model", self.model.replace(in_channels=channels, resolution=size))
-        metrics, objective = self.eval_metrics
+        if self.model != _model_for(self.data, self.model):
+            channels, size = self.data.latent_shape
+            raise ConfigError(
+                f"model input {self.model.in_channels}x{self.model.resolution} does not match the data's "
+                f"{channels}x{size}; build configs with from_dict or with_overrides, which derive it"
+            )
+        metrics, objective = self.metrics, self.objective
         if self.data.dataset != "mnist" and (wrong := [m for m in metrics if m in DIGIT_METRICS]):
             raise ConfigError(
                 f"eval.metrics {', '.join(wrong)} judge digits and need dataset mnist, not "
@@ -375,9 +383,18 @@ class ExperimentConfig:
             raise ConfigError(f"eval.objective={objective} is not among eval.metrics ({', '.join(metrics)})")
 
     @property
-    def eval_metrics(self) -> tuple[tuple[str, ...], str]:
-        """(metrics, objective) for this dataset, `auto` resolved."""
-        return self.eval.resolved(self.data.dataset)
+    def metrics(self) -> tuple[str, ...]:
+        """The metrics every evaluation computes: eval.metrics, with `auto` resolved for this dataset."""
+        if self.eval.metrics != ("auto",):
+            return self.eval.metrics
+        return tuple(DIGIT_METRICS if self.data.dataset == "mnist" else INCEPTION_METRICS)
+
+    @property
+    def objective(self) -> str:
+        """The metric a study optimises: eval.objective, with `auto` resolved for this dataset."""
+        if self.eval.objective != "auto":
+            return self.eval.objective
+        return "fd_digits" if self.data.dataset == "mnist" else "fid"
 
     @classmethod
     def sections(cls) -> dict[str, type]:
@@ -396,7 +413,8 @@ class ExperimentConfig:
         for key in data:
             if key not in sections:
                 raise ConfigError(f"unknown section '{key}'{_closest(key, list(sections))}")
-        return cls(**{name: kind.from_dict(data.get(name, {})) for name, kind in sections.items()})
+        parts = {name: kind.from_dict(data.get(name, {})) for name, kind in sections.items()}
+        return cls(**{**parts, "model": _model_for(parts["data"], parts["model"])})
 
     def flat(self) -> dict[str, Any]:
         """`section.key` -> value, the form MLflow params and overrides use."""

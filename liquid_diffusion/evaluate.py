@@ -79,7 +79,7 @@ class ImageSet(Dataset):
 
 def objective_key(cfg: ExperimentConfig, weights: InceptionWeights | None) -> str:
     """The logged name of the objective metric, e.g. eval/fd_digits or eval/fid_unverified."""
-    objective = cfg.eval_metrics[1]
+    objective = cfg.objective
     unverified = objective in INCEPTION_METRICS and weights is not None and not weights.verified
     return f"eval/{objective}" + ("_unverified" if unverified else "")
 
@@ -114,7 +114,7 @@ class Evaluator:
         self.device = torch.device(device)
         self.progress = progress
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-        self.metrics = tuple(metrics) if metrics else cfg.eval_metrics[0]
+        self.metrics = tuple(metrics) if metrics else cfg.metrics
         self.n = n or cfg.eval.n
         if self.n < 2:
             raise ConfigError(f"n={self.n} is not valid; expected an integer >= 2")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from liquid_diffusion.cli import CACHE_DIR_HELP, OneLineParser, int_at_least, run_command  # noqa: E402
+from liquid_diffusion.cli import OneLineParser, add_runtime_arguments, int_at_least, run_command  # noqa: E402
 from liquid_diffusion.config import METRICS, ConfigError, ExperimentConfig  # noqa: E402
 from study.weights import add_weights_arguments, inception_weights_for  # noqa: E402
 
@@ -38,14 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="M[,M...]",
         help=f"metrics to compute (default: the run's eval.metrics); valid: {', '.join(METRICS)}",
     )
-    parser.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=None,
-        help=CACHE_DIR_HELP,
-    )
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: %(default)s)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_runtime_arguments(parser)
     add_weights_arguments(parser)
     return parser
 
@@ -87,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     client = mlflow.MlflowClient()
     run, cfg = _run_and_config(client, args.run_id)
-    metrics = args.metric or cfg.eval_metrics[0]
+    metrics = args.metric or cfg.metrics
     weights = inception_weights_for([], args, metrics)
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,11 +118,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """main() with the command lines' error handling; argparse's usage errors return their exit code."""
-    try:
-        return run_command(lambda: main(argv), "eval.py", "nothing was logged")
-    except SystemExit as err:  # a usage error, already printed in one line
-        return err.code
+    """The exit code of `python study/eval.py ARGV`: main() with the command lines' error handling."""
+    return run_command(lambda: main(argv), "eval.py", "nothing was logged")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ class StudyPlan:
 
     @property
     def objective(self) -> str:
-        return self.base.eval_metrics[1]
+        return self.base.objective
 
     @property
     def direction(self) -> str:

@@ -26,7 +26,7 @@ def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
 
 def inception_weights_for(configs: list[ExperimentConfig], args, metrics: tuple[str, ...] = ()):
     """Checked weights when any config (or `metrics`) needs Inception, else None; WeightsError otherwise."""
-    needed = set(metrics) | {m for cfg in configs for m in cfg.eval_metrics[0]}
+    needed = set(metrics) | {m for cfg in configs for m in cfg.metrics}
     if not needed & set(INCEPTION_METRICS):
         return None
     from liquid_diffusion.inception import resolve_inception_weights

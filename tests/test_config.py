@@ -90,3 +90,23 @@ def test_flat_config_round_trips():
     cfg = ExperimentConfig().with_overrides({"model.kernels": [3], "train.ema_decay": 0.99})
     assert ExperimentConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.flat()["model.kernels"] == [3]
+
+
+def test_yaml_spellings_are_normalised_by_from_dict_and_refused_when_code_passes_them_directly():
+    from liquid_diffusion.config import DataConfig
+
+    assert DataConfig.from_dict({"flip": "on"}).flip is True
+    assert ModelConfig.from_dict({"kernels": 5}).kernels == (5,)
+    with pytest.raises(ConfigError, match=r"flip='on' is not valid here; pass True"):
+        DataConfig(flip="on")
+    with pytest.raises(ConfigError, match=r"kernels=\[3\] is not valid here; pass \(3,\)"):
+        ModelConfig(kernels=[3])
+    with pytest.raises(ConfigError, match="mixer='attention' is not valid; choose one of: cfc, conv"):
+        ModelConfig(mixer="attention")
+
+
+def test_the_model_input_follows_the_data_and_a_mismatch_is_refused():
+    cfg = ExperimentConfig().with_overrides({"data.codec": "sd-vae", "data.channels": 3, "data.resolution": 64})
+    assert (cfg.model.in_channels, cfg.model.resolution) == (4, 8)
+    with pytest.raises(ConfigError, match="model input 4x32 does not match the data's 1x32"):
+        ExperimentConfig(model=ModelConfig())
