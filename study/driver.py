@@ -37,7 +37,7 @@ from liquid_diffusion.outcomes import OUTCOMES
 from liquid_diffusion.train import Pruned
 
 from .plans import StudyPlan
-from .storage import has_heartbeat, redact
+from .storage import has_heartbeat, redact, storage_of, trial_id_of
 from .tracking import set_experiment
 from .trial import run_dir_for, run_trial
 
@@ -95,9 +95,8 @@ class Book:
 
     @staticmethod
     def seed_of(trial) -> int | None:
-        if "seed" in trial.params:
-            return trial.params["seed"]
-        return queued_params(trial).get("seed")
+        """The trial's seed: a parameter once it runs, and a user attribute from the moment it is queued."""
+        return trial.params.get("seed", trial.user_attrs.get("seed"))
 
     def owner_of_seed(self, seed: int):
         """The one trial that trains a seed: its finished trial if there is one, else the lowest-numbered
@@ -106,12 +105,6 @@ class Book:
         final = [t for t in self.final() if self.seed_of(t) == seed]
         live = [t for t in self.of_state(TrialState.WAITING, TrialState.RUNNING) if self.seed_of(t) == seed]
         return (final or sorted(live, key=lambda t: t.number) or [None])[0]
-
-
-def queued_params(trial) -> dict:
-    """The parameters a WAITING trial was queued with. Optuna keeps them in a system attribute until
-    the trial is run, and has no public accessor for a trial that is not running yet."""
-    return trial.system_attrs.get("fixed_params", {})
 
 
 def local_worker_is_dead(trial) -> bool:
@@ -230,9 +223,10 @@ class Driver:
         # Rerunning the command resumes every unfinished trial, however often it was killed; the
         # heartbeat's own retries (RetryHeartbeatStaleTrialCallback) stay bounded within one command.
         for trial in Book(study).to_requeue():
-            study.enqueue_trial(trial.params, user_attrs={"root_trial": root_of(trial)})
-        for seed in plan.seeds or []:
-            study.enqueue_trial({"seed": seed}, skip_if_exists=True)  # a seed with any attempt is skipped
+            seed = {"seed": Book.seed_of(trial)} if plan.seeds is not None else {}
+            study.enqueue_trial(trial.params, user_attrs={"root_trial": root_of(trial), **seed})
+        for seed in plan.seeds or []:  # a seed with any attempt is skipped
+            study.enqueue_trial({"seed": seed}, user_attrs={"seed": seed}, skip_if_exists=True)
         self.parent_run(plan, study)
         return study
 
@@ -319,14 +313,14 @@ class Driver:
         race for the last queued seed would start a trial without one. Claiming through the
         storage's compare-and-set on the state (what ask() does inside) cannot.
         """
-        storage, study_id = study._storage, study._study_id
-        for queued in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
+        storage = storage_of(study)
+        for queued in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             try:
-                if not storage.set_trial_state_values(queued._trial_id, state=TrialState.RUNNING):
+                if not storage.set_trial_state_values(trial_id_of(queued), state=TrialState.RUNNING):
                     continue
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue
-            trial = optuna.Trial(study, queued._trial_id)
+            trial = optuna.Trial(study, trial_id_of(queued))
             trial.set_user_attr("worker", self.worker)  # first, so a rerun can tell whether this process died
             seed = Book.seed_of(queued)
             # Two commands that start at the same instant each queue every seed. Read the study again,
@@ -396,7 +390,7 @@ class Driver:
             "optuna.trial_number": str(trial.number),
         }
         # A search trial gets its own folder even when TPE repeats parameters; its retries and resumes share it.
-        suffix = f"-trial{root_of(study._storage.get_trial(trial._trial_id))}" if plan.search else ""
+        suffix = f"-trial{root_of(storage_of(study).get_trial(trial_id_of(trial)))}" if plan.search else ""
         run_dir = run_dir_for(self.out, plan.experiment, plan.arm.name, cfg, plan.budget, suffix)
         self.echo(f"== {label}: {plan.arm.description}\n   run folder: {run_dir}")
 
@@ -408,7 +402,7 @@ class Driver:
 
         state, value = TrialState.FAIL, None
         try:
-            with heartbeat(study._storage, trial._trial_id):
+            with heartbeat(storage_of(study), trial_id_of(trial)):
                 outcome = run_trial(
                     cfg,
                     tags,

@@ -11,9 +11,13 @@ import random
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse, urlunparse
 
 from liquid_diffusion.config import ConfigError
+
+if TYPE_CHECKING:  # optuna itself is imported where a storage is opened, so that --help stays fast
+    import optuna
 
 HEARTBEAT_SECONDS = 60
 CREATE_ATTEMPTS = 5
@@ -90,3 +94,19 @@ def one_line_reason(err: Exception) -> str:
 
 def has_heartbeat(storage) -> bool:
     return bool(getattr(storage, "get_heartbeat_interval", lambda: None)())
+
+
+# Optuna's public API has no accessor for these two; the driver needs them because it claims queued
+# trials itself, through the storage's compare-and-set on a trial's state (see Driver.claim), and beats
+# the heartbeat itself (study.optimize would do both, but cannot hand a worker one given queued trial).
+# They are the only reach-ins into Optuna's private attributes.
+
+
+def storage_of(study: optuna.Study) -> optuna.storages.BaseStorage:
+    """The storage a study lives in."""
+    return study._storage
+
+
+def trial_id_of(trial: optuna.Trial | optuna.trial.FrozenTrial) -> int:
+    """The id by which the storage knows a trial (its `number` counts within the study only)."""
+    return trial._trial_id
