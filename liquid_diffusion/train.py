@@ -39,6 +39,15 @@ class Tracker(Protocol):
     def log_image(self, image: np.ndarray, key: str, step: int) -> None: ...
 
 
+SAMPLES_KEY = "samples"  # the images key of the sample grids
+
+
+def latest_image_path(key: str) -> str:
+    """The artifact in which a tracker keeps the last image logged under `key`: reports read the final
+    sample grid from this fixed name."""
+    return f"images/{key}-latest.png"
+
+
 class NullTracker:
     def log_metrics(self, metrics, step):
         pass
@@ -48,9 +57,10 @@ class NullTracker:
 
 
 class TrainingStopped(RuntimeError):
-    """The run ended early for a reason that is a result, not a bug; `kind` names it in outcomes.OUTCOMES."""
+    """The run ended early for a reason that is a result, not a bug; each subclass's `kind` names its row
+    in outcomes.OUTCOMES."""
 
-    kind = "stopped"
+    kind: str
 
 
 class NonFiniteLoss(TrainingStopped):
@@ -154,7 +164,6 @@ class Stopwatch:
 
     def __init__(self, *phases: str):
         self.seconds = dict.fromkeys(phases, 0.0)
-        self._last = dict.fromkeys(phases, 0.0)
 
     @contextlib.contextmanager
     def __call__(self, phase: str):
@@ -162,22 +171,22 @@ class Stopwatch:
         try:
             yield
         finally:
-            self._last[phase] = time.perf_counter() - start
-            self.seconds[phase] += self._last[phase]
+            self.seconds[phase] += time.perf_counter() - start
 
-    def last(self, phase: str) -> float:
-        """The time of the phase's latest block."""
-        return self._last[phase]
+    def total(self, *phases: str) -> float:
+        return sum(self.seconds[phase] for phase in phases)
 
 
 class LossWindow:
-    """Per-sample losses since the last log, overall and binned by t (minRF's cheap diagnostic)."""
+    """Per-sample losses since the last log, overall and binned by t (minRF's cheap diagnostic), and the
+    throughput over the window's training seconds (drawing batches and stepping; logging, evaluation and
+    checkpoints excluded)."""
 
-    def __init__(self):
+    def __init__(self, training_seconds: float):
         self.sums = torch.zeros(T_BINS, dtype=torch.float64)
         self.counts = torch.zeros(T_BINS, dtype=torch.float64)
         self.images = 0
-        self.seconds = 0.0
+        self.opened_at = training_seconds  # the trainer's training seconds so far
 
     def add(self, losses: torch.Tensor, t: torch.Tensor) -> None:
         losses = losses.cpu().double()
@@ -186,12 +195,12 @@ class LossWindow:
         self.counts.index_add_(0, bins, torch.ones_like(losses))
         self.images += len(losses)
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self, training_seconds: float) -> dict[str, float]:
         out = {"train/loss": float(self.sums.sum() / self.counts.sum())}
         for i in range(T_BINS):
             if self.counts[i] > 0:
                 out[loss_bin_key(i)] = float(self.sums[i] / self.counts[i])
-        out["train/img_per_s"] = self.images / max(self.seconds, 1e-9)
+        out["train/img_per_s"] = self.images / max(training_seconds - self.opened_at, 1e-9)
         return out
 
 
@@ -255,6 +264,9 @@ class Trainer:
         return [name for name, _ in self.model.named_parameters()]
 
     def save(self) -> Path:
+        # The EMA weights go into the checkpoint's one safetensors file under their parameter names, not
+        # through EMAModel.state_dict(), which is a pickled dict around a list: named tensors can be read
+        # without unpickling, and a checkpoint stays one file of tensors plus one of plain JSON.
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         tensors.update({f"ema.{n}": p for n, p in zip(self._param_names(), self.ema.shadow_params)})
         tensors["rng.torch"] = torch.get_rng_state()
@@ -321,7 +333,11 @@ class Trainer:
         tc = self.cfg.train
         self._started, self.eval_seconds = time.perf_counter(), 0.0
         clock = Stopwatch("data", "step", "logging", "eval", "checkpoint")
-        window, last_loss, last_eval = LossWindow(), float("nan"), -1
+
+        def training_seconds() -> float:
+            return clock.total("data", "step")
+
+        window, last_loss, last_eval = LossWindow(training_seconds()), float("nan"), -1
         bar = tqdm(
             total=tc.images,
             initial=self.images_seen,
@@ -357,7 +373,6 @@ class Trainer:
                     self.lr_schedule.step()
                     self.ema.step(self.model.parameters())
                     window.add(losses.detach(), t)  # .cpu() waits for the device, so the step's time is honest
-                window.seconds += clock.last("data") + clock.last("step")
                 self.step += 1
                 self.images_seen += tc.batch_size
                 bar.update(tc.batch_size)
@@ -365,12 +380,12 @@ class Trainer:
                 # --- log: the loss overall and per t-bin, the learning rate, throughput ---
                 if self.step % tc.log_every_steps == 0:
                     with clock("logging"):
-                        metrics = window.metrics()
+                        metrics = window.metrics(training_seconds())
                         metrics["train/lr"] = self.lr_schedule.get_last_lr()[0]
                         self.tracker.log_metrics(metrics, step=self.images_seen)
                         last_loss = metrics["train/loss"]
                         bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{metrics['train/img_per_s']:.0f}")
-                        window = LossWindow()
+                        window = LossWindow(training_seconds())
 
                 # --- evaluate (its time is not charged to the wall-clock budget) ---
                 if crossed(tc.eval_every_images) or self.images_seen >= tc.images:
@@ -387,7 +402,7 @@ class Trainer:
                 self._check_wall()
 
             if window.images:
-                metrics = window.metrics()
+                metrics = window.metrics(training_seconds())
                 last_loss = metrics["train/loss"]
                 self.tracker.log_metrics(metrics, step=self.images_seen)
             if last_eval != self.images_seen:  # e.g. a rerun of a finished run: evaluate once more
@@ -446,7 +461,7 @@ class Trainer:
         nrow = max(1, int(math.sqrt(len(images))))
         grid = make_grid(images.add(1).div(2), nrow=nrow, padding=1)
         array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        self.tracker.log_image(array, key="samples", step=self.images_seen)
+        self.tracker.log_image(array, key=SAMPLES_KEY, step=self.images_seen)
         metrics = {}
         if self.evaluator is not None:  # one swap to the EMA weights for all N samples
             with self.ema_weights() as model:

@@ -225,7 +225,9 @@ def build(experiment: str, out: Path, baseline: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
+        import mlflow
+
+        mlflow.set_tracking_uri(args.tracking_uri)
     result = build(args.experiment, args.out, args.baseline)
     print(
         f"report of {result['runs']} runs in {result['seconds']:.1f} s: {args.out / 'report.html'}, "
@@ -234,5 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The exit code of `python reports/build.py ARGV`: main() with the command lines' error handling."""
+    return run_command(lambda: main(argv), "build.py", "no report was written")
+
+
 if __name__ == "__main__":
-    sys.exit(run_command(main, "build.py", "no report was written"))
+    sys.exit(cli())

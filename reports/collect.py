@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
 from liquid_diffusion.config import ConfigError
+from liquid_diffusion.train import SAMPLES_KEY, latest_image_path
 
 TAGS = (
     "ablation",
@@ -48,33 +51,40 @@ class Collected:
     histories: pd.DataFrame  # run_id, key, step, value
 
 
-def _frame(runs: list) -> pd.DataFrame:
-    rows = []
-    for run in runs:
-        tags, params = run.data.tags, run.data.params
-        row = {
-            "run_id": run.info.run_id,
-            "run_status": run.info.status,
-            "start": pd.to_datetime(run.info.start_time, unit="ms", utc=True),
-            "end": pd.to_datetime(run.info.end_time, unit="ms", utc=True) if run.info.end_time else pd.NaT,
-        }
-        row.update({f"tag:{k}": tags.get(k) for k in TAGS})
-        row.update({f"param:{k}": params.get(k) for k in PARAMS})
-        row.update({f"metric:{k}": v for k, v in run.data.metrics.items()})
-        rows.append(row)
-    frame = pd.DataFrame(rows)
-    if not frame.empty:
-        frame["seed"] = pd.to_numeric(frame["tag:seed"], errors="coerce")
-        frame["arm"] = frame["tag:ablation"].fillna("?")
-        frame["dataset"] = frame["tag:dataset"].fillna("?")
+PREFIXES = {"tags.": "tag:", "params.": "param:", "metrics.": "metric:"}
+
+
+def _frame(runs: pd.DataFrame) -> pd.DataFrame:
+    """mlflow.search_runs' frame under the report's column names (tag:, param:, metric:), with a column
+    for each tag and param the report reads even when no run has it."""
+    renamed = {"status": "run_status", "start_time": "start", "end_time": "end"}
+    for column in runs.columns:
+        for prefix, ours in PREFIXES.items():
+            if column.startswith(prefix):
+                renamed[column] = ours + column.removeprefix(prefix)
+    frame = runs.rename(columns=renamed)
+    for column in [f"tag:{k}" for k in TAGS] + [f"param:{k}" for k in PARAMS]:
+        if column not in frame:
+            frame[column] = None
+    frame["seed"] = pd.to_numeric(frame["tag:seed"], errors="coerce")
+    frame["arm"] = frame["tag:ablation"].fillna("?")
+    frame["dataset"] = frame["tag:dataset"].fillna("?")
     return frame
+
+
+def sql_store(client: mlflow.MlflowClient):
+    """The client's SQL store, or None for a tracking server or a file store. A SQL store answers a metric's
+    history for many runs in one query (get_metric_history_bulk), which MlflowClient does not expose: a report
+    over hundreds of runs takes seconds instead of minutes. This is the only reach-in into MLflow's internals."""
+    store = client._tracking_client.store
+    return store if hasattr(store, "get_metric_history_bulk") else None
 
 
 def _histories(client, run_ids: list[str], keys: set[str]) -> pd.DataFrame:
     """Every point of `keys` for `run_ids`: one query per key on SQL stores, else one request per (run, key)."""
-    store = client._tracking_client.store
+    store = sql_store(client)
     rows = []
-    if hasattr(store, "get_metric_history_bulk"):  # SQL stores answer many runs in one query
+    if store is not None:
         for key in keys:
             for start in range(0, len(run_ids), 100):
                 for m in store.get_metric_history_bulk(run_ids[start : start + 100], key, max_results=10**7):
@@ -101,9 +111,9 @@ def collect(experiment_name: str) -> Collected:
             f"{', '.join(names) or 'none'}"
         )
     runs = mlflow.search_runs(
-        [experiment.experiment_id], filter_string="tags.kind = 'trial'", output_format="list", max_results=100_000
+        [experiment.experiment_id], filter_string="tags.kind = 'trial'", output_format="pandas", max_results=100_000
     )
-    if not runs:
+    if runs.empty:
         raise ConfigError(f"experiment '{experiment_name}' has no trial runs to report (train some with study/run.py)")
     frame = _frame(runs)
     running = frame[frame["run_status"] == "RUNNING"]
@@ -118,17 +128,27 @@ def collect(experiment_name: str) -> Collected:
 
 
 def last_sample_grid(run_id: str) -> bytes | None:
-    """The PNG of the run's last `samples` image (mlflow.log_image names it samples+step+N+...), or None."""
+    """The PNG of the run's last sample grid, or None when it has none."""
     client = mlflow.MlflowClient()
     try:
-        files = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
+        files = {a.path for a in client.list_artifacts(run_id, "images")}
     except MlflowException:
         return None
-    grids = [(int(p.split("+step+")[1].split("+")[0]), p) for p in files if "/samples+step+" in p]
-    if not grids:
+    path = latest_image_path(SAMPLES_KEY)
+    if path not in files:
+        path = _last_step_image(files, SAMPLES_KEY)
+    if path is None:
         return None
-    import tempfile
-    from pathlib import Path
-
     with tempfile.TemporaryDirectory() as tmp:
-        return Path(client.download_artifacts(run_id, max(grids)[1], tmp)).read_bytes()
+        return Path(client.download_artifacts(run_id, path, tmp)).read_bytes()
+
+
+def _last_step_image(files: set[str], key: str) -> str | None:
+    """Runs logged before the fixed name existed keep only the step-keyed images of mlflow.log_image. MLflow
+    has no public lookup of those by step, so the step is read from the file name: images/KEY+step+N+..."""
+    steps = [
+        (int(p.split("+step+")[1].split("+")[0]), p)
+        for p in files
+        if p.startswith(f"images/{key}+step+") and p.endswith(".png")
+    ]
+    return max(steps)[1] if steps else None

@@ -25,7 +25,7 @@ from mlflow.exceptions import MlflowException
 from liquid_diffusion.cli import sigterm_as_interrupt
 from liquid_diffusion.config import ConfigError
 from liquid_diffusion.outcomes import OUTCOMES
-from liquid_diffusion.train import TrainingStopped
+from liquid_diffusion.train import TrainingStopped, latest_image_path
 
 from .storage import one_line_reason
 
@@ -53,7 +53,8 @@ class MLflowTracker:
     def log_image(self, image: np.ndarray, key: str, step: int) -> None:
         # A grid is logged just before its evaluation's metrics, which end with eval/seconds.
         if step > self.logged.get("eval/seconds", -1):
-            mlflow.log_image(image, key=key, step=step)
+            mlflow.log_image(image, key=key, step=step)  # every grid, for the UI's step slider
+            mlflow.log_image(image, artifact_file=latest_image_path(key))  # the latest one, by a fixed name
 
 
 def logged_steps(run_id: str) -> dict[str, int]:
