@@ -9,13 +9,24 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from .config import ConfigError
 
 DEFAULT_EXPERIMENT = "liquid-diffusion"
-CACHE_DIR_HELP = (
-    "latent, classifier and reference-statistics cache (default: $LIQUID_DIFFUSION_CACHE or ~/.cache/liquid_diffusion)"
-)
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where a command trains or samples: --cache-dir, --device and --no-progress (run.py and eval.py)."""
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="latent, classifier and reference-statistics cache "
+        "(default: $LIQUID_DIFFUSION_CACHE or ~/.cache/liquid_diffusion)",
+    )
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -60,13 +71,15 @@ def run_command(main: Callable[[], int], prog: str, on_interrupt: str) -> int:
 
     Bad input (ConfigError, DataError among them) is one line on stderr and exit code 2; Ctrl-C or
     SIGTERM says `on_interrupt` and exits 130; a reader that stops early (`run.py --list | head`) is
-    not an error worth a traceback. argparse's own usage errors exit 2 before main() gets this far.
+    not an error worth a traceback. argparse's own usage errors have printed their line and give 2.
     """
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         with sigterm_as_interrupt():
             return main()
+    except SystemExit as err:  # argparse's usage errors and --help, already printed
+        return err.code
     except ConfigError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2

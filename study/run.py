@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import yaml  # noqa: E402
 
 from liquid_diffusion.cli import (  # noqa: E402
-    CACHE_DIR_HELP,
     DEFAULT_EXPERIMENT,
     OneLineParser,
+    add_runtime_arguments,
     int_at_least,
     run_command,
 )
@@ -97,14 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out", type=Path, default=Path("outputs"), help="run folders with checkpoints (default: %(default)s)"
     )
-    parser.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=None,
-        help=CACHE_DIR_HELP,
-    )
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: %(default)s)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_runtime_arguments(parser)
     parser.add_argument(
         "--compile",
         action="store_true",
@@ -297,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     plans = build_plans(args, arms, budget)
     if args.dry_run:
         for i, plan in enumerate(plans):
-            metrics, objective = plan.base.eval_metrics
+            metrics, objective = plan.base.metrics, plan.base.objective
             mode = f"search, {plan.n_trials} trials" if plan.search else f"seeds {plan.seeds}"
             print(
                 ("---\n" if i else "")
@@ -309,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     return train(args, sys.argv[1:] if argv is None else argv, plans)
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    """The exit code of `python study/run.py ARGV`: main() with the command lines' error handling."""
     on_interrupt = "the trial is marked (MLflow KILLED) and rerunning the same command resumes it"
-    sys.exit(run_command(main, "run.py", on_interrupt))
+    return run_command(lambda: main(argv), "run.py", on_interrupt)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
