@@ -1,4 +1,4 @@
-"""Test environment: offline, CPU, quiet; shared helpers for building small models."""
+"""Test environment: offline, CPU, quiet; the session fixtures. Shared helpers live in helpers.py."""
 
 import os
 
@@ -14,35 +14,13 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # study/ and reports/ are imported as packages from the repository root
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
-
-
-def assert_clean_error(result, *fragments):
-    """Bad input: exit code 2 and one line on stderr that names what was wrong; never a traceback.
-
-    `result` is a CompletedProcess, or anything with `returncode` and `stderr`.
-    """
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
-def randomize_head(model: torch.nn.Module, seed: int = 0) -> None:
-    """The head is zero-initialised; give it weights so outputs and gradients depend on every layer."""
-    gen = torch.Generator().manual_seed(seed)
-    conv = model.head[-1]
-    with torch.no_grad():
-        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * 0.1)
-        conv.bias.copy_(torch.randn(conv.bias.shape, generator=gen) * 0.1)
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +38,30 @@ def random_inception_weights(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
     torch.save(network.state_dict(), path)
     return path
+
+
+@pytest.fixture
+def run_here(monkeypatch, capsys):
+    """`python study/run.py ARGS` in this process, with the environment `env`: a CompletedProcess with the
+    exit code and what it printed. The imports a new process pays (about 8 s of torch, diffusers and
+    MLflow here) are paid once, so the tests of what a command does use this. Tests of the process
+    itself (signals, kills, concurrent starts, the smoke run) start real processes."""
+    import subprocess
+
+    import mlflow
+
+    from study.run import cli
+
+    def run(env: dict, *args: str) -> subprocess.CompletedProcess:
+        for key in set(os.environ) | set(env):
+            if key not in env:
+                monkeypatch.delenv(key)
+            elif os.environ.get(key) != env[key]:
+                monkeypatch.setenv(key, env[key])
+        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])  # a URI set earlier in the process would win
+        capsys.readouterr()
+        code = cli(list(args))
+        printed = capsys.readouterr()
+        return subprocess.CompletedProcess(["study/run.py", *args], code, printed.out, printed.err)
+
+    return run

@@ -1,25 +1,54 @@
-"""study/bench.py --quick runs and prints its table and ratios; no ratio is asserted (machines are noisy)."""
+"""The benchmarks run and print tables that parse; no speed ratio is asserted (machines are noisy)."""
 
+import re
 import subprocess
 import sys
 
+import pytest
+from helpers import REPO
 
-def test_quick_benchmark_prints_the_table_and_ratios(repo):
-    result = subprocess.run(
-        [sys.executable, "study/bench.py", "--quick"], cwd=repo, capture_output=True, text=True, timeout=300
-    )
+MICRO_PARAMS = 3_457_284  # the micro preset, as the README states it (tests/test_config.py checks it exactly)
+
+
+def run(*args, timeout=300):
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_quick_benchmark_prints_a_table_of_every_model_and_the_ratios():
+    result = run("study/bench.py", "--quick", "--sample-steps", "2")
     assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("liquid-micro-baseline", "liquid-micro-plain_conv", "reference-micro", "unet2d-attn", "unet2d-noattn"):
-        assert name in result.stdout
-    assert "train  vs reference-micro" in result.stdout and "sample vs unet2d-attn" in result.stdout
+    table = {}  # model -> (params in millions, train img/s, sample img/s)
+    for line in result.stdout.splitlines():
+        if match := re.fullmatch(r"(\S+)\s+([\d.]+)M\s+([\d.]+)\s+([\d.]+)", line.strip()):
+            table[match[1]] = tuple(float(x) for x in match.groups()[1:])
+    names = ["liquid-micro-baseline", "liquid-micro-plain_conv", "reference-micro", "unet2d-attn", "unet2d-noattn"]
+    assert sorted(table) == sorted(names)
+    assert all(train > 0 and sample > 0 for _, train, sample in table.values())
+    assert table["liquid-micro-baseline"][0] == pytest.approx(MICRO_PARAMS / 1e6, abs=0.005)
+    assert table["reference-micro"][0] == table["liquid-micro-baseline"][0]  # the same network, written directly
+    for name in names[1:]:  # the comparisons are parameter-matched within 10%
+        assert table[name][0] == pytest.approx(MICRO_PARAMS / 1e6, rel=0.10), name
+    ratios = re.findall(r"(train|sample)\s+vs (\S+)\s+([\d.]+)x", result.stdout)
+    assert {(kind, other) for kind, other, _ in ratios} == {
+        (kind, other) for kind in ("train", "sample") for other in ("reference-micro", "unet2d-attn", "unet2d-noattn")
+    }
     # fp32 against bf16 autocast, with the ratio to fp32
     rows = [line.split() for line in result.stdout.splitlines() if line.startswith("micro ")]
     assert [row[2] for row in rows] == ["fp32", "bf16"]
     assert rows[0][4] == "1.00x" and float(rows[1][3]) > 0 and rows[1][4].endswith("x")
 
 
-def test_fewer_than_five_repetitions_is_refused(repo):
-    result = subprocess.run(
-        [sys.executable, "study/bench.py", "--reps", "3"], cwd=repo, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 2 and "--reps must be >= 5" in result.stderr
+def test_fewer_than_five_repetitions_is_refused(capsys):
+    from study.bench import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["--reps", "3"])
+    assert exit.value.code == 2 and "--reps must be >= 5" in capsys.readouterr().err
+
+
+def test_report_benchmark_builds_a_generated_store_and_prints_its_time():
+    result = run("reports/bench.py", "--runs", "20")
+    assert result.returncode == 0, result.stderr[-3000:]
+    match = re.search(r"store of (\d+) runs .* report built in ([\d.]+) s \((\d+) PDF pages\)", result.stdout)
+    assert match, result.stdout
+    assert int(match[1]) == 20 and float(match[2]) > 0 and int(match[3]) >= 1

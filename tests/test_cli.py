@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import assert_clean_error
+from helpers import assert_clean_error, run_study
 
 from liquid_diffusion import ConfigError, ExperimentConfig
 from study.arms import load_arms, select_arms
@@ -26,14 +26,8 @@ REQUIRED_ARMS = {
 }
 
 
-def run_cli(repo, *args):
-    return subprocess.run(
-        [sys.executable, str(repo / "study" / "run.py"), *args], capture_output=True, text=True, timeout=120, cwd=repo
-    )
-
-
 def test_list_prints_every_arm_with_its_description(repo):
-    result = run_cli(repo, "--list")
+    result = run_study(None, "--list")
     assert result.returncode == 0, result.stderr
     listed = {line.split()[0]: line for line in result.stdout.splitlines()}
     assert set(listed) >= REQUIRED_ARMS and len(listed) >= 11
@@ -42,7 +36,7 @@ def test_list_prints_every_arm_with_its_description(repo):
 
 
 def test_dry_run_prints_resolved_configs_as_yaml(repo):
-    result = run_cli(repo, "--ablation", "no_relax,mix_3", "--dry-run")
+    result = run_study(None, "--ablation", "no_relax,mix_3", "--dry-run")
     assert result.returncode == 0, result.stderr
     docs = list(yaml.safe_load_all(result.stdout))
     assert [d["model"]["relax"] for d in docs] == ["none", "temb"]
@@ -51,11 +45,11 @@ def test_dry_run_prints_resolved_configs_as_yaml(repo):
 
 
 def test_unknown_arm_exits_2_with_one_line_listing_the_arms(repo):
-    assert_clean_error(run_cli(repo, "--ablation", "no_relx", "--dry-run"), "no_relx", "no_relax", "baseline")
+    assert_clean_error(run_study(None, "--ablation", "no_relx", "--dry-run"), "no_relx", "no_relax", "baseline")
 
 
 def test_unknown_flag_exits_2_with_one_line(repo):
-    assert_clean_error(run_cli(repo, "--ablaton", "x"), "--ablaton")
+    assert_clean_error(run_study(None, "--ablaton", "x"), "--ablaton")
 
 
 @pytest.mark.parametrize(
@@ -75,7 +69,7 @@ def test_broken_ablation_file_exits_2_naming_file_key_and_choices(repo, tmp_path
     arms_dir = tmp_path / "ablations"
     shutil.copytree(repo / "ablations", arms_dir)
     (arms_dir / "bad.yaml").write_text(text)
-    assert_clean_error(run_cli(repo, "--ablations-dir", str(arms_dir), "--list"), *fragments)
+    assert_clean_error(run_study(None, "--ablations-dir", str(arms_dir), "--list"), *fragments)
 
 
 def test_select_arms_expands_all_and_keeps_order():

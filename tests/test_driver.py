@@ -1,51 +1,31 @@
 """The Optuna study driver on cpu-smoke: seeds and search, parent and child runs, resume, workers, storages."""
 
-import os
-import signal
-import subprocess
-import sys
-import time
-
 import optuna
 import pytest
 import yaml
-from conftest import assert_clean_error
-from mlflow.tracking import MlflowClient
+from helpers import (
+    assert_clean_error,
+    optuna_db,
+    run_study,
+    study_env,
+    study_trials,
+    trial_runs,
+)
 
-RUN = [sys.executable, "study/run.py"]
 SMOKE = ["--budget", "cpu-smoke", "--no-progress"]
 
 
 @pytest.fixture
-def store(tmp_path, repo):
+def store(tmp_path):
     """A fresh MLflow store and Optuna file per test, sharing one data/classifier cache."""
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "LIQUID_DIFFUSION_CACHE": str(repo / ".pytest_cache" / "liquid-cache"),
-        "PYTHONUNBUFFERED": "1",
-    }
-    return tmp_path, env
-
-
-def run(repo, env, *args, timeout=600):
-    return subprocess.run([*RUN, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def runs(env, experiment, kind):
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    exp = client.get_experiment_by_name(experiment)
-    return client.search_runs([exp.experiment_id], filter_string=f"tags.kind = '{kind}'") if exp else []
+    return tmp_path, study_env(tmp_path)
 
 
 def trials(tmp_path, name, storage=None):
-    from study.storage import open_storage
-
-    study = optuna.load_study(study_name=name, storage=open_storage(storage or f"sqlite:///{tmp_path / 'optuna.db'}"))
-    return study.get_trials(deepcopy=False)
+    return study_trials(storage or optuna_db(tmp_path), name)
 
 
-def test_two_arms_by_two_seeds_make_four_children_under_two_parents_and_a_rerun_adds_nothing(repo, store):
+def test_two_arms_by_two_seeds_make_four_children_under_two_parents_and_a_rerun_adds_nothing(repo, store, run_here):
     tmp_path, env = store
     args = [
         "--ablation",
@@ -58,10 +38,10 @@ def test_two_arms_by_two_seeds_make_four_children_under_two_parents_and_a_rerun_
         str(tmp_path / "o"),
         *SMOKE,
     ]
-    result = run(repo, env, *args)
+    result = run_here(env, *args)
     assert result.returncode == 0, result.stderr[-3000:]
-    parents = {p.data.tags["ablation"]: p for p in runs(env, "grid", "study")}
-    children = runs(env, "grid", "trial")
+    parents = {p.data.tags["ablation"]: p for p in trial_runs(env, "grid", kind="study")}
+    children = trial_runs(env, "grid")
     assert sorted(parents) == ["baseline", "no_relax"] and len(children) == 4
     for child in children:
         arm = child.data.tags["ablation"]
@@ -83,70 +63,14 @@ def test_two_arms_by_two_seeds_make_four_children_under_two_parents_and_a_rerun_
         assert parent.data.metrics["study/std"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
         assert parent.data.metrics["study/n_complete"] == 2
 
-    again = run(repo, env, *args)
+    again = run_here(env, *args)
     assert again.returncode == 0 and "== " not in again.stdout
-    assert len(runs(env, "grid", "trial")) == 4 and len(trials(tmp_path, "grid:baseline:mnist:cpu-smoke")) == 2
-
-
-def long_smoke_budget(repo, tmp_path) -> str:
-    """cpu-smoke with enough steps to kill a run between checkpoints."""
-    budgets = yaml.safe_load((repo / "study" / "budgets.yaml").read_text())
-    smoke = budgets["cpu-smoke"]
-    smoke["overrides"].update(
-        {
-            "train.images": 1600,
-            "train.checkpoint_every_images": 32,
-            "train.eval_every_images": 800,
-            "train.log_every_steps": 5,
-        }
-    )
-    path = tmp_path / "budgets.yaml"
-    path.write_text(yaml.safe_dump({"cpu-smoke": smoke}))
-    return str(path)
-
-
-def test_a_sigkilled_worker_s_trial_is_retried_from_its_checkpoint(repo, store):
-    tmp_path, env = store
-    args = [
-        "--ablation",
-        "baseline",
-        "--experiment",
-        "kill",
-        "--out",
-        str(tmp_path / "o"),
-        *SMOKE,
-        "--budgets-file",
-        long_smoke_budget(repo, tmp_path),
-        "--heartbeat-seconds",
-        "1",
-    ]
-    worker = subprocess.Popen([*RUN, *args], cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while not list((tmp_path / "o").rglob("checkpoint-*")) and time.time() < deadline:
-        time.sleep(0.2)
-    worker.send_signal(signal.SIGKILL)  # no chance to mark anything: only the heartbeat stops
-    worker.wait()
-
-    result = run(repo, env, *args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    killed, retried = trials(tmp_path, "kill:baseline:mnist:cpu-smoke")
-    assert killed.state == optuna.trial.TrialState.FAIL and retried.state == optuna.trial.TrialState.COMPLETE
-    assert retried.params == killed.params == {"seed": 0}
-    assert retried.user_attrs["resumed_from"] > 0  # its first step came after the checkpoint
-    [child] = runs(env, "kill", "trial")  # the same MLflow run, continued
-    assert child.info.status == "FINISHED" and child.info.run_id == retried.user_attrs["mlflow_run_id"]
-    first_after_resume = [
-        m.step
-        for m in MlflowClient(env["MLFLOW_TRACKING_URI"]).get_metric_history(child.info.run_id, "train/loss")
-        if m.step > retried.user_attrs["resumed_from"]
-    ]
-    assert first_after_resume and len(first_after_resume) == len(set(first_after_resume))
+    assert len(trial_runs(env, "grid")) == 4 and len(trials(tmp_path, "grid:baseline:mnist:cpu-smoke")) == 2
 
 
 def test_two_workers_split_the_trials_without_duplicates(repo, store):
     tmp_path, env = store
-    result = run(
-        repo,
+    result = run_study(
         env,
         "--ablation",
         "baseline",
@@ -192,14 +116,14 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(repo, store, monkeypa
     by_seed = {t.params["seed"]: t for t in trials(tmp_path, "nan:baseline:mnist:cpu-smoke")}
     assert by_seed[1].state == optuna.trial.TrialState.FAIL and by_seed[1].user_attrs["status"] == "non_finite"
     assert by_seed[0].state == by_seed[2].state == optuna.trial.TrialState.COMPLETE
-    failed = [r for r in runs(env, "nan", "trial") if r.data.tags["seed"] == "1"][0]
+    failed = [r for r in trial_runs(env, "nan") if r.data.tags["seed"] == "1"][0]
     assert failed.info.status == "FAILED" and failed.data.tags["optuna.state"] == "FAIL"
-    [parent] = runs(env, "nan", "study")
+    [parent] = trial_runs(env, "nan", kind="study")
     assert parent.data.metrics["study/n_failed"] == 1 and parent.data.metrics["study/n_complete"] == 2
     assert "1 failed" in capsys.readouterr().out
 
 
-def test_search_with_pruning_marks_pruned_trials_killed(repo, store):
+def test_search_with_pruning_marks_pruned_trials_killed(repo, store, run_here):
     tmp_path, env = store
     space = tmp_path / "space.yaml"
     space.write_text(
@@ -213,8 +137,7 @@ def test_search_with_pruning_marks_pruned_trials_killed(repo, store):
             }
         )
     )  # prunes at the first eval
-    result = run(
-        repo,
+    result = run_here(
         env,
         "--ablation",
         "baseline",
@@ -233,7 +156,7 @@ def test_search_with_pruning_marks_pruned_trials_killed(repo, store):
     assert len(done) == 3 and all(t.state == optuna.trial.TrialState.PRUNED for t in done)
     assert all(t.params["train.batch_size"] in (8, 16) for t in done)  # 64 is above cpu-smoke's batch of 16
     assert len({t.params["train.lr"] for t in done}) == 3
-    children = runs(env, "search", "trial")
+    children = trial_runs(env, "search")
     assert len(children) == 3
     for child in children:
         assert child.info.status == "KILLED" and child.data.tags["optuna.state"] == "PRUNED"
@@ -255,63 +178,17 @@ def test_search_with_pruning_marks_pruned_trials_killed(repo, store):
         (["--dataset", "mnist,"], None),  # a trailing comma is fine: it names mnist
     ],
 )
-def test_bad_study_options_exit_2_with_one_line(repo, store, args, fragment):
+def test_bad_study_options_exit_2_with_one_line(repo, store, args, fragment, run_here):
     tmp_path, env = store
     if "--ablation" not in args:
         args = ["--ablation", "baseline", *args]
     if "--storage" not in args:
         args = [*args, "--dry-run"]  # the storage is opened only when training starts
-    result = run(repo, env, *args, "--experiment", "bad", "--out", str(tmp_path / "o"), *SMOKE, timeout=120)
+    result = run_here(env, *args, "--experiment", "bad", "--out", str(tmp_path / "o"), *SMOKE)
     if fragment is None:
         assert result.returncode == 0, result.stderr
         return
     assert_clean_error(result, fragment)
-
-
-def shared_storage_run(repo, store, storage: str, experiment: str):
-    tmp_path, env = store
-    result = run(
-        repo,
-        env,
-        "--ablation",
-        "baseline",
-        "--seeds",
-        "2",
-        "--workers",
-        "2",
-        "--storage",
-        storage,
-        "--experiment",
-        experiment,
-        "--out",
-        str(tmp_path / "o"),
-        *SMOKE,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    done = trials(tmp_path, f"{experiment}:baseline:mnist:cpu-smoke", storage)
-    assert sorted(t.params["seed"] for t in done) == [0, 1]
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in done)
-    [parent] = runs(env, experiment, "study")
-    from study.storage import redact
-
-    assert parent.data.tags["optuna.storage"] == redact(storage)
-    assert not (tmp_path / "optuna.db").exists()  # the given storage, not the default file
-
-
-def test_a_journal_file_is_shared_by_two_workers(repo, store):
-    tmp_path, _ = store
-    shared_storage_run(repo, store, f"journal:{tmp_path / 'study.log'}", "journal")
-
-
-POSTGRES = os.environ.get("LIQUID_DIFFUSION_TEST_POSTGRES")
-
-
-@pytest.mark.skipif(
-    not POSTGRES, reason="no PostgreSQL server: .ci/run starts one and sets LIQUID_DIFFUSION_TEST_POSTGRES"
-)
-def test_postgresql_is_shared_by_two_workers(repo, store):
-    experiment = f"pg{os.getpid()}{int(time.time())}"  # the server outlives the test: a fresh study name
-    shared_storage_run(repo, store, POSTGRES, experiment)
 
 
 def test_storage_urls_lose_their_password_in_tags():
@@ -329,15 +206,16 @@ def test_a_worker_that_claims_a_seed_s_second_copy_while_another_claims_the_firs
     from types import SimpleNamespace
 
     from study.driver import Driver
+    from study.storage import storage_of, trial_id_of
 
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'o.db'}")
-    study.enqueue_trial({"seed": 1})
-    study.enqueue_trial({"seed": 1})  # the copy queued by the other command
-    storage = study._storage
+    study.enqueue_trial({"seed": 1}, user_attrs={"seed": 1})
+    study.enqueue_trial({"seed": 1}, user_attrs={"seed": 1})  # the copy queued by the other command
+    storage = storage_of(study)
     real_set_state = storage.set_trial_state_values
 
     def a_claims_first_copy_just_before(trial_id, state, values=None):
-        if trial_id == first._trial_id and state == optuna.trial.TrialState.RUNNING:
+        if trial_id == trial_id_of(first) and state == optuna.trial.TrialState.RUNNING:
             real_set_state(trial_id, state)  # worker A wins the first copy ...
             return False  # ... so worker B's compare-and-set on it fails and B moves on to the second
         return real_set_state(trial_id, state, values)

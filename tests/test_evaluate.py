@@ -1,23 +1,27 @@
 """The evaluation protocol: digit-space FD/KID checked against scipy, Inception weights checked, caches, eval.py."""
 
-import os
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from conftest import assert_clean_error
+import yaml
+from helpers import REPO, assert_clean_error, run_study, study_env, trial_runs
+from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from liquid_diffusion import LiquidUNet
 from liquid_diffusion.codecs import PixelCodec
 from liquid_diffusion.config import ConfigError, ExperimentConfig
 from liquid_diffusion.data import open_source
 from liquid_diffusion.digits import DigitFeatures, classifier_path
 from liquid_diffusion.evaluate import Evaluator, to_uint8
 from liquid_diffusion.inception import INCEPTION_SHA256, WeightsError, resolve_inception_weights
+from liquid_diffusion.train import generate
 
 
 def mnist_evaluator(cache_dir, **overrides) -> Evaluator:
@@ -207,40 +211,17 @@ def test_inception_metrics_are_tagged_unverified_and_the_reference_cache_hits_un
 
 
 @pytest.fixture(scope="module")
-def finished_run(repo, tmp_path_factory):
-    """One cpu-smoke run trained by study/run.py: (run id, environment)."""
+def finished_run(tmp_path_factory):
+    """One cpu-smoke run trained by study/run.py: (run id, environment, client)."""
     root = tmp_path_factory.mktemp("evalpy")
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-        "LIQUID_DIFFUSION_CACHE": str(root / "cache"),
-        "TORCH_HOME": str(root / "torch"),
-    }
+    env = study_env(root, TORCH_HOME=str(root / "torch"))  # the shared cache: its 8 px classifier is built
     env.pop("LIQUID_DIFFUSION_INCEPTION_WEIGHTS", None)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "study/run.py",
-            "--ablation",
-            "baseline",
-            "--budget",
-            "cpu-smoke",
-            "--out",
-            str(root / "out"),
-            "--no-progress",
-        ],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_study(
+        env, "--ablation", "baseline", "--budget", "cpu-smoke", "--out", str(root / "out"), "--no-progress"
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    [run] = client.search_runs([client.get_experiment_by_name("liquid-diffusion").experiment_id], "tags.kind = 'trial'")
-    return run.info.run_id, env, client
+    [run] = trial_runs(env, "liquid-diffusion")
+    return run.info.run_id, env, MlflowClient(env["MLFLOW_TRACKING_URI"])
 
 
 def eval_cli(client, capsys, *args) -> tuple[int, str]:
@@ -254,11 +235,17 @@ def eval_cli(client, capsys, *args) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def test_eval_py_logs_a_larger_n_into_the_same_run(repo, finished_run):
+def eval_history(client, run_id) -> dict:
+    keys = [key for key in client.get_run(run_id).data.metrics if key.startswith("eval/")]
+    return {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)] for key in keys}
+
+
+def test_eval_py_logs_a_larger_n_into_the_same_run(finished_run, tmp_path):
     run_id, env, client = finished_run
+    training_time = eval_history(client, run_id)
     result = subprocess.run(
         [sys.executable, "study/eval.py", "--run-id", run_id, "--n", "40", "--no-progress"],
-        cwd=repo,
+        cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
@@ -267,10 +254,26 @@ def test_eval_py_logs_a_larger_n_into_the_same_run(repo, finished_run):
     assert result.returncode == 0, result.stderr[-3000:]
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.metrics["eval_n40/n"] == 40 and "eval_n40/fd_digits" in run.data.metrics
+    assert run.data.metrics["eval_n40/n"] == 40
     [point] = client.get_metric_history(run_id, "eval_n40/fd_digits")
     assert point.step == 96  # where training ended
     assert run.data.tags["eval_n40/reference_set"].startswith("ref-mnist-8px-images-n32-")
+    assert eval_history(client, run_id) == training_time and "eval/fd_digits" in training_time
+
+    # The same number from the run's saved EMA weights, evaluated here directly.
+    cfg = ExperimentConfig.from_dict(
+        yaml.safe_load(Path(client.download_artifacts(run_id, "config.yaml", str(tmp_path))).read_text())
+    )
+    model = LiquidUNet.from_pretrained(client.download_artifacts(run_id, "ema", str(tmp_path))).eval()
+    codec = PixelCodec()
+    evaluator = Evaluator(
+        cfg, open_source(cfg.data), codec, cache_dir=Path(env["LIQUID_DIFFUSION_CACHE"]), progress=False, n=40
+    )
+    direct = evaluator.evaluate(
+        lambda noise: generate(model, codec, noise, cfg.train.sample_steps, "fp32", len(noise)),
+        cfg.train.batch_size,
+    )
+    assert point.value == pytest.approx(direct["eval/fd_digits"], rel=1e-5)
 
 
 def test_eval_py_with_unverified_weights_refuses_then_tags(finished_run, random_inception_weights, capsys, monkeypatch):

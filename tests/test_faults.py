@@ -13,23 +13,17 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from conftest import REPO, assert_clean_error
+from helpers import RUN, assert_clean_error, long_smoke_budget, optuna_db, study_env, study_trials, trial_runs
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
-from test_driver import long_smoke_budget  # cpu-smoke with 100 steps and a checkpoint every 2
 
-RUN = [sys.executable, "study/run.py"]
+
+def environment(tmp_path, store="mlflow.db"):
+    """The tests here start several processes at once: one thread each, on two cores."""
+    return study_env(tmp_path, store=store, OMP_NUM_THREADS="1")
+
+
 FAIL, COMPLETE = optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE
-
-
-def environment(repo, tmp_path, store="mlflow.db"):
-    return {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / store}",
-        "PYTHONUNBUFFERED": "1",
-        "LIQUID_DIFFUSION_CACHE": str(repo / ".pytest_cache" / "liquid-cache"),
-        "OMP_NUM_THREADS": "1",
-    }
 
 
 def args_for(tmp_path, out, experiment, *extra):
@@ -39,7 +33,7 @@ def args_for(tmp_path, out, experiment, *extra):
         "--budget",
         "cpu-smoke",
         "--budgets-file",
-        long_smoke_budget(REPO, tmp_path),
+        long_smoke_budget(tmp_path),
         "--experiment",
         experiment,
         "--out",
@@ -60,18 +54,6 @@ def start(repo, env, args):
 def kill_group(process) -> None:
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-
-
-def trial_runs(env, experiment, kind="trial"):
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    exp = client.get_experiment_by_name(experiment)
-    return client.search_runs([exp.experiment_id], filter_string=f"tags.kind = '{kind}'") if exp else []
-
-
-def study_trials(storage: str, name: str):
-    from study.storage import open_storage
-
-    return optuna.load_study(study_name=name, storage=open_storage(storage)).get_trials(deepcopy=False)
 
 
 def wait_for(predicate, timeout=120.0, poll=0.0005):
@@ -101,13 +83,14 @@ def final_ema(out: Path) -> dict[str, torch.Tensor]:
     return load_file(path)
 
 
+@pytest.mark.slow  # about 110 s of process starts and training here: run by CI after the fast suite
 def test_any_number_of_sigkills_then_a_rerun_gives_the_uninterrupted_result(repo, tmp_path):
-    env = environment(repo, tmp_path)
+    env = environment(tmp_path)
     killed_out, whole_out = tmp_path / "killed", tmp_path / "whole"
     args = args_for(tmp_path, killed_out, "kills")
     rng = random.Random(0)
     during_writes = 0
-    for kill in range(5):
+    for kill in range(4):  # one more than the heartbeat's 3 automatic retries
         before = latest_checkpoint(killed_out)
         process = start(repo, env, args)
         # training (resumed) is under way once a checkpoint newer than the last one appears
@@ -128,7 +111,7 @@ def test_any_number_of_sigkills_then_a_rerun_gives_the_uninterrupted_result(repo
     whole = subprocess.run(
         [*RUN, *args_for(tmp_path, whole_out, "kills")],
         cwd=repo,
-        env=environment(repo, tmp_path, "whole/mlflow.db"),
+        env=environment(tmp_path, "whole/mlflow.db"),
         capture_output=True,
         text=True,
         timeout=300,
@@ -142,15 +125,16 @@ def test_any_number_of_sigkills_then_a_rerun_gives_the_uninterrupted_result(repo
 
     [run] = trial_runs(env, "kills")  # one MLflow run, continued through every kill
     assert run.info.status == "FINISHED"
-    assert [p.info.status for p in trial_runs(env, "kills", "study")] == ["FINISHED"]
+    assert [p.info.status for p in trial_runs(env, "kills", kind="study")] == ["FINISHED"]
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     for key in ("train/loss", "train/loss_bin5", "eval/fd_digits", "eval/seconds", "data/images"):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert steps and len(steps) == len(set(steps)), f"{key} logged twice at a step: {sorted(steps)}"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(80, 1601, 80))
-    trials = study_trials(f"sqlite:///{tmp_path / 'optuna.db'}", "kills:baseline:mnist:cpu-smoke")
-    assert len(trials) == 6 and trials[-1].state == COMPLETE and all(t.state == FAIL for t in trials[:-1])
-    assert trials[-1].user_attrs["resumed_from"] > 0
+    trials = study_trials(optuna_db(tmp_path), "kills:baseline:mnist:cpu-smoke")
+    assert len(trials) == 5 and trials[-1].state == COMPLETE and all(t.state == FAIL for t in trials[:-1])
+    assert all(t.params == {"seed": 0} for t in trials) and trials[-1].user_attrs["resumed_from"] > 0
+    assert trials[-1].user_attrs["mlflow_run_id"] == run.info.run_id
 
 
 def fresh_postgres_database(server_url: str) -> str:
@@ -171,8 +155,8 @@ def test_three_commands_started_at_the_same_instant_train_each_seed_once(repo, t
             pytest.skip("no PostgreSQL server: .ci/run starts one and sets LIQUID_DIFFUSION_TEST_POSTGRES")
         url, experiment = fresh_postgres_database(server), "race"
     else:
-        url, experiment = f"sqlite:///{tmp_path / 'optuna.db'}", "race"
-    env = environment(repo, tmp_path)
+        url, experiment = optuna_db(tmp_path), "race"
+    env = environment(tmp_path)
     args = [
         "--ablation",
         "baseline,no_relax",
@@ -214,6 +198,11 @@ def test_three_commands_started_at_the_same_instant_train_each_seed_once(repo, t
         trained = [t for t in trials if "duplicate_of" not in t.user_attrs]
         assert sorted(t.params["seed"] for t in trained) == [0, 1] and all(t.state == COMPLETE for t in trained)
         assert not [t for t in trials if t.state == optuna.trial.TrialState.WAITING]  # no queued copy left behind
+    from study.storage import redact
+
+    parents = trial_runs(env, experiment, kind="study")
+    assert len(parents) == 2 and all(p.data.tags["optuna.storage"] == redact(url) for p in parents)
+    assert (tmp_path / "optuna.db").exists() == (storage == "sqlite")  # the given storage, not the default file
 
 
 OPEN_STORE = """
@@ -240,39 +229,16 @@ def test_processes_opening_one_fresh_sqlite_store_at_once_all_succeed(repo, tmp_
         assert MlflowClient(uri).get_experiment_by_name("Default") is not None
 
 
-def test_a_fresh_tracking_store_beside_old_run_folders_is_refused_in_one_line(repo, tmp_path):
+def test_a_fresh_tracking_store_beside_old_run_folders_is_refused_in_one_line(tmp_path, run_here):
     out = tmp_path / "outputs"
-    args = [
-        "--ablation",
-        "baseline",
-        "--budget",
-        "cpu-smoke",
-        "--experiment",
-        "fresh",
-        "--out",
-        str(out),
-        "--no-progress",
-    ]
+    args = ["--ablation", "baseline", "--budget", "cpu-smoke", "--experiment", "fresh", "--out", str(out)]
+    args.append("--no-progress")
     (tmp_path / "old").mkdir()
-    first = subprocess.run(
-        [*RUN, *args],
-        cwd=repo,
-        env=environment(repo, tmp_path, "old/mlflow.db"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    first = run_here(environment(tmp_path, "old/mlflow.db"), *args)
     assert first.returncode == 0, first.stderr[-2000:]
 
     (tmp_path / "new").mkdir()
-    result = subprocess.run(
-        [*RUN, *args],
-        cwd=repo,
-        env=environment(repo, tmp_path, "new/mlflow.db"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_here(environment(tmp_path, "new/mlflow.db"), *args)
     [folder] = out.glob("fresh/baseline/*")
     assert_clean_error(
         result,
@@ -296,7 +262,7 @@ def test_an_unexpected_error_fails_the_command_and_a_rerun_resumes_it(repo, tmp_
             raise RuntimeError("a bug at step 5")
         return real_batch(self)
 
-    env = environment(repo, tmp_path)
+    env = environment(tmp_path)
     monkeypatch.setenv("LIQUID_DIFFUSION_CACHE", env["LIQUID_DIFFUSION_CACHE"])
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     args = [
@@ -320,7 +286,7 @@ def test_an_unexpected_error_fails_the_command_and_a_rerun_resumes_it(repo, tmp_
             "study error:baseline:mnist:cpu-smoke: 0 complete, 0 pruned, 1 failed (1 resumed by rerunning this "
             "command), 0 running; no completed trial" in out
         )
-        [child], [parent] = trial_runs(env, "error"), trial_runs(env, "error", "study")
+        [child], [parent] = trial_runs(env, "error"), trial_runs(env, "error", kind="study")
         assert child.info.status == "FAILED" and "a bug at step 5" in child.data.tags["error"]
         assert parent.info.status == "FAILED" and parent.data.metrics["study/n_failed"] == 1
 
@@ -329,12 +295,12 @@ def test_an_unexpected_error_fails_the_command_and_a_rerun_resumes_it(repo, tmp_
         assert "resumed at 48 images" in out and "1 complete, 0 pruned, 0 failed, 0 running" in out
     finally:
         mlflow.set_tracking_uri(None)
-    [child], [parent] = trial_runs(env, "error"), trial_runs(env, "error", "study")
+    [child], [parent] = trial_runs(env, "error"), trial_runs(env, "error", kind="study")
     assert child.info.status == "FINISHED" and parent.info.status == "FINISHED"
 
 
 def test_a_dead_worker_s_trial_on_a_journal_storage_is_taken_over_by_a_rerun(repo, tmp_path):
-    env = environment(repo, tmp_path)
+    env = environment(tmp_path)
     out = tmp_path / "o"
     args = args_for(tmp_path, out, "journal", "--storage", f"journal:{tmp_path / 'study.log'}")
     process = start(repo, env, args)

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
-from test_data import write_images
+from helpers import write_images
 
 from liquid_diffusion.codecs import PixelCodec, load_codec
 from liquid_diffusion.config import DataConfig, DataError

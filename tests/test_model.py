@@ -1,9 +1,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_head
+from helpers import arm_model, randomize_head
 
-from liquid_diffusion import ExperimentConfig, LiquidUNet, ModelConfig
+from liquid_diffusion import LiquidUNet, ModelConfig
 from liquid_diffusion.model import LiquidDiffusionBlock, ParallelCfC
 from study.arms import load_arms
 
@@ -18,7 +18,7 @@ def micro(**changes) -> ModelConfig:
 @pytest.mark.parametrize("arm", sorted(ARMS))
 def test_every_arm_runs_forward_and_backward(arm, shape):
     channels, size, _ = shape
-    cfg = ARMS[arm].apply(ExperimentConfig(model=micro())).model.replace(in_channels=channels, resolution=size)
+    cfg = arm_model(ARMS[arm], channels, size)
     torch.manual_seed(0)
     model = LiquidUNet(cfg)
     randomize_head(model)

@@ -5,19 +5,27 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 from unittest import mock
 
 import mlflow
 import pytest
 import torch
-import yaml
-from conftest import assert_clean_error, randomize_head
+from helpers import (
+    SHARED_CACHE,
+    Recorder,
+    arm_model,
+    assert_clean_error,
+    make_trainer,
+    randomize_head,
+    smoke_config,
+    study_env,
+    trial_runs,
+    write_arm,
+)
 from safetensors import safe_open
-from test_train import Recorder, latents, smoke_config
 
 import liquid_diffusion.train as trainer_module
-from liquid_diffusion import LiquidUNet, ModelConfig
+from liquid_diffusion import LiquidUNet
 from liquid_diffusion.codecs import PixelCodec
 from liquid_diffusion.config import ExperimentConfig
 from liquid_diffusion.data import MnistSource
@@ -44,9 +52,7 @@ LOSS_TOLERANCE = {"bf16": 1e-3, "fp16": 5e-4}
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("arm", sorted(ARMS))
 def test_every_arm_computes_the_fp32_velocity_under_autocast_to_rounding(arm, precision):
-    cfg = (
-        ARMS[arm].apply(ExperimentConfig(model=ModelConfig.preset("micro"))).model.replace(in_channels=1, resolution=8)
-    )
+    cfg = arm_model(ARMS[arm], channels=1, size=8)
     torch.manual_seed(0)
     model = LiquidUNet(cfg)
     randomize_head(model)
@@ -64,9 +70,7 @@ def test_every_arm_computes_the_fp32_velocity_under_autocast_to_rounding(arm, pr
 
 def train(cfg, run_dir, evaluator=None) -> tuple[Trainer, Recorder]:
     recorder = Recorder()
-    trainer = Trainer(
-        cfg, latents(), PixelCodec(), run_dir, recorder, device="cpu", progress=False, evaluator=evaluator
-    )
+    trainer = make_trainer(run_dir, cfg, recorder, evaluator=evaluator)
     trainer.run()
     return trainer, recorder
 
@@ -105,7 +109,7 @@ def test_evaluation_runs_under_mixed_precision(precision, tmp_path, repo):
         return real_generate(model, codec, noise, steps, precision_, batch_size)
 
     real_generate = trainer_module.generate
-    evaluator = Evaluator(cfg, MnistSource(cfg.data), PixelCodec(), cache_dir=shared_cache(repo))
+    evaluator = Evaluator(cfg, MnistSource(cfg.data), PixelCodec(), cache_dir=SHARED_CACHE)
     with mock.patch("liquid_diffusion.train.generate", generate):
         trainer, _ = train(cfg, tmp_path / "run", evaluator)
     assert calls and set(calls) == {precision}  # the grid and the N samples
@@ -139,7 +143,7 @@ def test_fp16_checkpoint_keeps_the_grad_scaler_and_resumes(tmp_path):
     trainer, _ = train(cfg, tmp_path)
     state = json.loads(sorted((tmp_path / "checkpoints").iterdir())[-1].joinpath("state.json").read_text())
     assert state["scaler"]["scale"] == trainer.scaler.get_scale()
-    again = Trainer(cfg, latents(), PixelCodec(), tmp_path, device="cpu", progress=False)
+    again = make_trainer(tmp_path, cfg)
     assert again.resumed_from == 64 and again.scaler.get_scale() == trainer.scaler.get_scale()
 
 
@@ -180,7 +184,7 @@ def out_of_memory_at(call: int):
 
 def test_out_of_memory_ends_the_run_over_budget(tmp_path):
     with out_of_memory_at(3), pytest.raises(OverBudget, match="out of memory under the 16 GB cap at step 3"):
-        Trainer(smoke_config(vram_cap_gb=16), latents(), PixelCodec(), tmp_path, device="cpu", progress=False).run()
+        make_trainer(tmp_path, smoke_config(vram_cap_gb=16)).run()
 
 
 def test_out_of_memory_is_a_failed_over_budget_mlflow_run(tmp_path, monkeypatch):
@@ -203,45 +207,20 @@ def test_out_of_memory_is_a_failed_over_budget_mlflow_run(tmp_path, monkeypatch)
 # --- from the command line -------------------------------------------------------------------------
 
 
-def write_arm(folder: Path, name: str, overrides: dict) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.yaml").write_text(yaml.safe_dump({"description": f"test arm {name}", "overrides": overrides}))
-    return folder
-
-
-def cli(repo, tmp_path, *args, timeout=300):
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "LIQUID_DIFFUSION_CACHE": str(shared_cache(repo)),
-    }
-    return subprocess.run(
-        [sys.executable, "study/run.py", *args, "--out", str(tmp_path / "outputs"), "--no-progress"],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def shared_cache(repo) -> Path:
-    """The data and classifier cache these tests share with test_driver: the 32 px digit classifier
-    that the T4 path's evaluation needs is trained once (about a minute), not once per test."""
-    return repo / ".pytest_cache" / "liquid-cache"
+def cli(run_here, tmp_path, *args):
+    """study/run.py with a store and outputs of its own in tmp_path, and the shared data cache."""
+    return run_here(study_env(tmp_path), *args, "--out", str(tmp_path / "outputs"), "--no-progress")
 
 
 def only_trial_run(tmp_path, experiment):
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name(experiment)
-    [run] = client.search_runs([exp.experiment_id], "tags.kind = 'trial'")
-    return client, run
+    [run] = trial_runs(study_env(tmp_path), experiment)
+    return mlflow.MlflowClient(tracking_uri=study_env(tmp_path)["MLFLOW_TRACKING_URI"]), run
 
 
-def test_a_bf16_arm_finishes_from_the_command_line(repo, tmp_path):
+def test_a_bf16_arm_finishes_from_the_command_line(repo, tmp_path, run_here):
     arms = write_arm(tmp_path / "arms", "baseline_bf16", {"train.precision": "bf16"})
     result = cli(
-        repo,
+        run_here,
         tmp_path,
         "--ablation",
         "baseline_bf16",
@@ -289,14 +268,14 @@ def test_the_t4_path_profile_keeps_everything_of_t4_30m_but_its_sizes():
     )
 
 
-def test_the_t4_path_runs_on_the_cpu_with_the_sd_vae_architecture(repo, tmp_path):
+def test_the_t4_path_runs_on_the_cpu_with_the_sd_vae_architecture(repo, tmp_path, run_here):
     """t4-path-cpu end to end: real AutoencoderKL architecture (random weights), latent cache, fp16 + GradScaler."""
     from study.gpu_check import random_sd_vae
 
     vae = random_sd_vae(tmp_path / "sd-vae-random")
     arms = write_arm(tmp_path / "arms", "baseline", {"data.codec_weights": str(vae)})
     result = cli(
-        repo,
+        run_here,
         tmp_path,
         "--ablation",
         "baseline",
@@ -319,12 +298,13 @@ def test_the_t4_path_runs_on_the_cpu_with_the_sd_vae_architecture(repo, tmp_path
         assert client.get_metric_history(run.info.run_id, key), key
     assert client.list_artifacts(run.info.run_id, "images")  # the sample grid
     caches = {}  # the latents went through the cache
-    for path in (shared_cache(repo) / "latents").glob("*.safetensors"):
+    for path in (SHARED_CACHE / "latents").glob("*.safetensors"):
         with safe_open(path, framework="pt") as cached:
             caches[path] = (cached.metadata()["codec"], tuple(cached.get_slice("latents").get_shape()))
     assert ("sd-vae", (64, 4, 4, 4)) in caches.values()
 
 
+@pytest.mark.slow  # about 30 s: the GPU check script's whole CPU path; run by CI after the fast suite
 def test_gpu_check_runs_on_the_cpu_in_fast_mode(repo, tmp_path):
     out = tmp_path / "figures.json"
     result = subprocess.run(
@@ -332,8 +312,7 @@ def test_gpu_check_runs_on_the_cpu_in_fast_mode(repo, tmp_path):
         cwd=repo,
         capture_output=True,
         text=True,
-        timeout=300,
-        env={**os.environ, "LIQUID_DIFFUSION_CACHE": str(shared_cache(repo))},
+        env={**os.environ, "LIQUID_DIFFUSION_CACHE": str(SHARED_CACHE)},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(out.read_text())
@@ -346,9 +325,9 @@ def test_gpu_check_runs_on_the_cpu_in_fast_mode(repo, tmp_path):
 # --- bad input -------------------------------------------------------------------------------------
 
 
-def test_unknown_precision_is_one_line_and_exit_2(repo, tmp_path):
+def test_unknown_precision_is_one_line_and_exit_2(repo, tmp_path, run_here):
     arms = write_arm(tmp_path / "arms", "fp8", {"train.precision": "fp8"})
-    result = cli(repo, tmp_path, "--ablation", "fp8", "--budget", "cpu-smoke", "--ablations-dir", str(arms))
+    result = cli(run_here, tmp_path, "--ablation", "fp8", "--budget", "cpu-smoke", "--ablations-dir", str(arms))
     assert_clean_error(result, "precision='fp8'", "auto, fp32, fp16, bf16")
 
 

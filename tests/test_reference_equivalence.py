@@ -2,19 +2,17 @@
 
 import pytest
 import torch
-from conftest import randomize_head
+from helpers import arm_model, randomize_head
 from reference_model import fast_to_reference_names, reference_from_fast
 
-from liquid_diffusion import ExperimentConfig, LiquidUNet, ModelConfig
+from liquid_diffusion import LiquidUNet
 from study.arms import load_arms
 
 ARMS = load_arms()
 
 
 def fast_and_reference(arm: str):
-    cfg = (
-        ARMS[arm].apply(ExperimentConfig(model=ModelConfig.preset("micro"))).model.replace(in_channels=3, resolution=16)
-    )
+    cfg = arm_model(ARMS[arm], channels=3, size=16)
     torch.manual_seed(0)
     fast = LiquidUNet(cfg)
     with torch.no_grad():  # move off the zero init, so every path carries signal

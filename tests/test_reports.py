@@ -1,6 +1,5 @@
 """reports/build.py on synthetic MLflow stores with known numbers: CSV, HTML, PDF, a real browser, untidy data."""
 
-import os
 import shutil
 import subprocess
 import sys
@@ -8,7 +7,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import assert_clean_error
+from helpers import assert_clean_error
 from mlflow import MlflowClient
 from scipy import stats
 
@@ -120,7 +119,7 @@ def test_the_html_renders_in_headless_chromium(built, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["unknown experiment", "no trial runs", "unknown baseline", "bad option"])
-def test_bad_input_exits_2_with_one_line_and_writes_nothing(repo, tmp_path, case):
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, case, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     client.create_experiment("empty")
@@ -137,14 +136,11 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(repo, tmp_path, case
         "unknown baseline": "--baseline 'base' has no runs",
         "bad option": "unrecognized arguments",
     }[case]
-    result = subprocess.run(
-        [sys.executable, "reports/build.py", *args, "--out", str(tmp_path / "out"), "--tracking-uri", uri],
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
-    )
+    from reports.build import cli  # in this process: the report's imports are paid once
+
+    capsys.readouterr()
+    code = cli([*args, "--out", str(tmp_path / "out"), "--tracking-uri", uri])
+    result = subprocess.CompletedProcess(args, code, *capsys.readouterr())
     assert_clean_error(result, expected)
     assert not (tmp_path / "out" / "report.html").exists()
 

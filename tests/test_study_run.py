@@ -1,55 +1,31 @@
 """study/run.py training end to end on cpu-smoke, into a temporary MLflow store."""
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
 import yaml
-from conftest import assert_clean_error
+from helpers import assert_clean_error, run_study, study_env, trial_runs
 from mlflow.tracking import MlflowClient
 
-REPO_RUN = [sys.executable, "study/run.py"]
+from liquid_diffusion.train import SAMPLES_KEY, latest_image_path
+from reports.collect import last_sample_grid
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-        "LIQUID_DIFFUSION_CACHE": str(root / "cache"),
-        "PYTHONUNBUFFERED": "1",
-    }
-    return root, env
-
-
-def run_cli(repo, env, *args, timeout=300):
-    return subprocess.run([*REPO_RUN, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+    return root, study_env(root, cache=root / "cache")
 
 
 def client_for(env) -> MlflowClient:
     return MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
 
 
-def runs_of(env, experiment, **tags):
-    """The experiment's trial runs (or, with kind="study", its parent runs) that carry `tags`."""
-    tags = {"kind": "trial", **tags}
-    client = client_for(env)
-    exp = client.get_experiment_by_name(experiment)
-    query = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
-    return client.search_runs([exp.experiment_id], filter_string=query) if exp else []
-
-
 def test_smoke_run_logs_tags_params_metrics_samples_and_weights(repo, store):
     root, env = store
-    result = run_cli(
-        repo,
+    result = run_study(
         env,
         "--ablation",
         "no_relax",
@@ -64,7 +40,7 @@ def test_smoke_run_logs_tags_params_metrics_samples_and_weights(repo, store):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "COMPLETE: MLflow run" in result.stdout and "mlflow ui --backend-store-uri" in result.stdout
     assert "harness overhead" in result.stdout
-    [run] = runs_of(env, "smoke")
+    [run] = trial_runs(env, "smoke")
     assert run.info.status == "FINISHED"
     assert {k: run.data.tags[k] for k in ("ablation", "dataset", "seed", "budget", "study", "optuna.state")} == {
         "ablation": "no_relax",
@@ -74,7 +50,7 @@ def test_smoke_run_logs_tags_params_metrics_samples_and_weights(repo, store):
         "study": "smoke:no_relax:mnist:cpu-smoke",
         "optuna.state": "COMPLETE",
     }
-    [parent] = runs_of(env, "smoke", kind="study")
+    [parent] = trial_runs(env, "smoke", kind="study")
     assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id and parent.info.status == "FINISHED"
     params = run.data.params
     assert params["model.relax"] == "none" and params["model.mixer"] == "cfc" and float(params["train.lr"]) == 1e-3
@@ -101,12 +77,15 @@ def test_smoke_run_logs_tags_params_metrics_samples_and_weights(repo, store):
     ema = {a.path for a in client.list_artifacts(run.info.run_id, "ema")}
     assert "ema/diffusion_pytorch_model.safetensors" in ema and "ema/config.json" in ema
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
-    # mlflow.log_image names each file samples+step+<step>+timestamp+...
-    steps = sorted({int(p.split("+step+")[1].split("+")[0]) for p in images if p.endswith(".png")})
-    assert steps == [48, 96]
+    # mlflow.log_image names each file samples+step+<step>+timestamp+...; the latest grid also has a fixed name
+    steps = sorted({int(p.split("+step+")[1].split("+")[0]) for p in images if "+step+" in p and p.endswith(".png")})
+    assert steps == [48, 96] and latest_image_path(SAMPLES_KEY) in images
+    [last] = [p for p in images if f"+step+{steps[-1]}+" in p and p.endswith(".png")]
+    read = lambda path: Path(client.download_artifacts(run.info.run_id, path, str(root / path))).read_bytes()  # noqa: E731
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])  # for the report's reader, in this process
+    assert read(latest_image_path(SAMPLES_KEY)) == read(last) == last_sample_grid(run.info.run_id)
 
-    again = run_cli(
-        repo,
+    again = run_study(
         env,
         "--ablation",
         "no_relax",
@@ -119,7 +98,7 @@ def test_smoke_run_logs_tags_params_metrics_samples_and_weights(repo, store):
         "--no-progress",
     )
     assert again.returncode == 0 and "== no_relax" not in again.stdout  # nothing left to train
-    assert len(runs_of(env, "smoke")) == 1 and len(runs_of(env, "smoke", kind="study")) == 1
+    assert len(trial_runs(env, "smoke")) == 1 and len(trial_runs(env, "smoke", kind="study")) == 1
 
 
 @pytest.fixture
@@ -157,56 +136,8 @@ def test_unexpected_error_marks_the_run_failed_with_the_error(in_process, monkey
         trial.run_trial(
             cfg, {"ablation": "baseline", "kind": "trial"}, tmp_path / "run", "crash", device="cpu", progress=False
         )
-    [run] = runs_of(env, "crash")
+    [run] = trial_runs(env, "crash")
     assert run.info.status == "FAILED" and run.data.tags["error"] == "RuntimeError: disk on fire"
-
-
-def test_sigterm_marks_the_run_killed_and_a_rerun_resumes_it(repo, store, tmp_path):
-    root, env = store
-    budgets = yaml.safe_load((repo / "study" / "budgets.yaml").read_text())
-    smoke = budgets["cpu-smoke"]
-    smoke["overrides"].update(
-        {
-            "train.images": 1600,
-            "train.checkpoint_every_images": 32,
-            "train.eval_every_images": 800,
-            "train.log_every_steps": 5,
-        }
-    )
-    (tmp_path / "budgets.yaml").write_text(yaml.safe_dump({"cpu-smoke": smoke}))
-    args = [
-        "--ablation",
-        "baseline",
-        "--budget",
-        "cpu-smoke",
-        "--experiment",
-        "sigterm",
-        "--no-progress",
-        "--out",
-        str(tmp_path / "outputs"),
-        "--budgets-file",
-        str(tmp_path / "budgets.yaml"),
-    ]
-    process = subprocess.Popen(
-        [*REPO_RUN, *args], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    deadline = time.time() + 120
-    while not list((tmp_path / "outputs").rglob("checkpoint-*")) and time.time() < deadline:
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr[-2000:]
-    assert "Traceback" not in stderr
-    [run], [parent] = runs_of(env, "sigterm"), runs_of(env, "sigterm", kind="study")
-    assert run.info.status == "KILLED" and "interrupted" in run.data.tags["reason"]
-    assert parent.info.status == "KILLED"  # the study is unfinished, and says so
-
-    result = run_cli(repo, env, *args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed at" in result.stdout
-    [again], [parent_again] = runs_of(env, "sigterm"), runs_of(env, "sigterm", kind="study")
-    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
-    assert parent_again.info.run_id == parent.info.run_id and parent_again.info.status == "FINISHED"
 
 
 @pytest.mark.parametrize(
@@ -219,16 +150,15 @@ def test_sigterm_marks_the_run_killed_and_a_rerun_resumes_it(repo, store, tmp_pa
         (["--device", "tpu"], "--device: invalid choice"),
     ],
 )
-def test_bad_values_exit_2_with_one_line(repo, store, args, fragment):
+def test_bad_values_exit_2_with_one_line(repo, store, args, fragment, run_here):
     _, env = store
-    result = run_cli(repo, env, "--ablation", "no_relax", *args, timeout=60)
+    result = run_here(env, "--ablation", "no_relax", *args)
     assert_clean_error(result, fragment)
 
 
-def test_unreachable_hub_dataset_exits_2_before_any_run(repo, store, tmp_path, random_inception_weights):
+def test_unreachable_hub_dataset_exits_2_before_any_run(repo, store, tmp_path, random_inception_weights, run_here):
     root, env = store
-    result = run_cli(
-        repo,
+    result = run_here(
         env,
         "--ablation",
         "no_relax",
@@ -241,20 +171,18 @@ def test_unreachable_hub_dataset_exits_2_before_any_run(repo, store, tmp_path, r
         "--inception-weights",
         str(random_inception_weights),
         "--allow-unverified-weights",
-        timeout=120,
     )
     assert_clean_error(result, "huggan/AFHQv2")
-    assert runs_of(env, "hub") == []
+    assert trial_runs(env, "hub") == []
 
 
-def test_fid_objective_without_weights_fails_before_training(repo, store, tmp_path):
+def test_fid_objective_without_weights_fails_before_training(repo, store, tmp_path, run_here):
     root, env = store
     folder = tmp_path / "images"
     folder.mkdir()
     env = {**env, "TORCH_HOME": str(tmp_path / "torch")}
     env.pop("LIQUID_DIFFUSION_INCEPTION_WEIGHTS", None)
-    result = run_cli(
-        repo,
+    result = run_here(
         env,
         "--ablation",
         "baseline",
@@ -264,7 +192,6 @@ def test_fid_objective_without_weights_fails_before_training(repo, store, tmp_pa
         "noweights",
         "--out",
         str(tmp_path / "out"),
-        timeout=120,
     )
     assert_clean_error(result, "--inception-weights PATH")
-    assert runs_of(env, "noweights") == [] and not (tmp_path / "out").exists()
+    assert trial_runs(env, "noweights") == [] and not (tmp_path / "out").exists()
