@@ -14,6 +14,7 @@ def run(*args, timeout=300):
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # about 35 s of timing five models: run by CI after the fast suite
 def test_quick_benchmark_prints_a_table_of_every_model_and_the_ratios():
     result = run("study/bench.py", "--quick", "--sample-steps", "2")
     assert result.returncode == 0, result.stderr[-3000:]
