@@ -77,13 +77,14 @@ def study_trials(storage: str, name: str) -> list:
     return optuna.load_study(study_name=name, storage=open_storage(storage)).get_trials(deepcopy=False)
 
 
-def long_smoke_budget(tmp_path: Path) -> str:
-    """A budgets file whose cpu-smoke has enough steps to kill a run between checkpoints."""
+def long_smoke_budget(tmp_path: Path, images: int = 1600) -> str:
+    """A budgets file whose cpu-smoke has enough steps (of 16 images) to kill a run between checkpoints,
+    which come every 2 steps."""
     budgets = yaml.safe_load((REPO / "study" / "budgets.yaml").read_text())
     smoke = budgets["cpu-smoke"]
     smoke["overrides"].update(
         {
-            "train.images": 1600,
+            "train.images": images,
             "train.checkpoint_every_images": 32,
             "train.eval_every_images": 800,
             "train.log_every_steps": 5,

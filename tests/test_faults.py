@@ -26,14 +26,14 @@ def environment(tmp_path, store="mlflow.db"):
 FAIL, COMPLETE = optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE
 
 
-def args_for(tmp_path, out, experiment, *extra):
+def args_for(tmp_path, out, experiment, *extra, images=1600):
     return [
         "--ablation",
         "baseline",
         "--budget",
         "cpu-smoke",
         "--budgets-file",
-        long_smoke_budget(tmp_path),
+        long_smoke_budget(tmp_path, images),
         "--experiment",
         experiment,
         "--out",
@@ -302,7 +302,8 @@ def test_an_unexpected_error_fails_the_command_and_a_rerun_resumes_it(repo, tmp_
 def test_a_dead_worker_s_trial_on_a_journal_storage_is_taken_over_by_a_rerun(repo, tmp_path):
     env = environment(tmp_path)
     out = tmp_path / "o"
-    args = args_for(tmp_path, out, "journal", "--storage", f"journal:{tmp_path / 'study.log'}")
+    # killed at its first checkpoint, of 30 steps
+    args = args_for(tmp_path, out, "journal", "--storage", f"journal:{tmp_path / 'study.log'}", images=480)
     process = start(repo, env, args)
     assert wait_for(lambda: latest_checkpoint(out) is not None or process.poll() is not None, poll=0.01)
     kill_group(process)

@@ -175,11 +175,11 @@ def test_an_interrupted_search_trial_resumes_with_its_parameters_in_its_run(tmp_
     env = study_env(tmp_path)
     space = search_space(tmp_path, {"train.lr": {"low": 1e-4, "high": 3e-3, "log": True}}, {"type": "none"})
     args = smoke_args(tmp_path, "resume", "--ablation", "baseline", "--search", "1", "--search-space", space)
-    args += ["--budgets-file", long_smoke_budget(tmp_path)]
+    args += ["--budgets-file", long_smoke_budget(tmp_path, images=480)]  # SIGTERM at its first checkpoint
     process = subprocess.Popen([*RUN, *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not list((tmp_path / "out").rglob("checkpoint-*")) and time.time() < deadline:
-        time.sleep(0.1)
+        time.sleep(0.01)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130 and b"Traceback" not in stderr, stderr[-2000:]

@@ -23,7 +23,7 @@ def client_for(env) -> MlflowClient:
     return MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
 
 
-def test_smoke_run_logs_tags_params_metrics_samples_and_weights(repo, store):
+def test_smoke_run_logs_tags_params_metrics_samples_and_weights(repo, store, run_here):
     root, env = store
     result = run_study(
         env,
@@ -85,7 +85,7 @@ def test_smoke_run_logs_tags_params_metrics_samples_and_weights(repo, store):
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])  # for the report's reader, in this process
     assert read(latest_image_path(SAMPLES_KEY)) == read(last) == last_sample_grid(run.info.run_id)
 
-    again = run_study(
+    again = run_here(  # the same command again, in this process
         env,
         "--ablation",
         "no_relax",
