@@ -299,29 +299,25 @@ def test_eval_py_with_unverified_weights_refuses_then_tags(finished_run, random_
     assert "eval_n10/fid_unverified" in run.data.metrics and "eval_n10/fid" not in run.data.metrics
 
 
-@pytest.mark.parametrize("case", ["unknown run", "no weights file", "no ema", "bad metric", "n of 1"])
-def test_eval_py_bad_input_exits_2_with_one_line(finished_run, case, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "args, expected",
+    [  # RUN stands for the finished run's id, BARE for a run that never finished training
+        pytest.param(["--run-id", "0" * 32], "unknown MLflow run id", id="unknown run"),
+        pytest.param(["--run-id", "RUN", "--metric", "fid"], "--inception-weights PATH", id="no weights file"),
+        pytest.param(["--run-id", "BARE"], "no saved EMA weights", id="no ema"),
+        pytest.param(["--run-id", "RUN", "--metric", "fd_digits,fidd"], "unknown metric fidd", id="bad metric"),
+        pytest.param(["--run-id", "RUN", "--n", "1"], "expected an integer >= 2", id="n of 1"),
+    ],
+)
+def test_eval_py_bad_input_exits_2_with_one_line(finished_run, args, expected, tmp_path, capsys, monkeypatch):
     run_id, env, client = finished_run
     monkeypatch.setenv("TORCH_HOME", env["TORCH_HOME"])
     monkeypatch.delenv("LIQUID_DIFFUSION_INCEPTION_WEIGHTS", raising=False)
     monkeypatch.setattr("liquid_diffusion.inception.reachable", lambda url: False)  # as offline, without the wait
-    if case == "no ema":  # a run that never finished training: it has a config but no EMA weights
+    if "BARE" in args:  # a run that never finished training: it has a config but no EMA weights
         bare = client.create_run(client.get_experiment_by_name("liquid-diffusion").experiment_id)
         client.log_artifact(bare.info.run_id, client.download_artifacts(run_id, "config.yaml", str(tmp_path)))
         run_id = bare.info.run_id
-    args = {
-        "unknown run": ["--run-id", "0" * 32],
-        "no weights file": ["--run-id", run_id, "--metric", "fid"],
-        "no ema": ["--run-id", run_id],
-        "bad metric": ["--run-id", run_id, "--metric", "fd_digits,fidd"],
-        "n of 1": ["--run-id", run_id, "--n", "1"],
-    }[case]
-    expected = {
-        "unknown run": "unknown MLflow run id",
-        "no weights file": "--inception-weights PATH",
-        "no ema": "no saved EMA weights",
-        "bad metric": "unknown metric fidd",
-        "n of 1": "expected an integer >= 2",
-    }[case]
+    args = [run_id if arg in ("RUN", "BARE") else arg for arg in args]
     code, stderr = eval_cli(client, capsys, *args)
     assert_clean_error(SimpleNamespace(returncode=code, stderr=stderr), expected)

@@ -118,24 +118,22 @@ def test_the_html_renders_in_headless_chromium(built, tmp_path):
     assert "<table>" in dom and "no_relax" in dom and "Budget accounting" in dom
 
 
-@pytest.mark.parametrize("case", ["unknown experiment", "no trial runs", "unknown baseline", "bad option"])
-def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, case, capsys):
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        pytest.param(["--experiment", "nope"], "unknown experiment 'nope'", id="unknown experiment"),
+        pytest.param(["--experiment", "empty"], "has no trial runs", id="no trial runs"),
+        pytest.param(
+            ["--experiment", "small", "--baseline", "base"], "--baseline 'base' has no runs", id="unknown baseline"
+        ),
+        pytest.param(["--colour"], "unrecognized arguments", id="bad option"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, expected, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     client.create_experiment("empty")
     make_experiment(client, "small", {"baseline": [1.0]})
-    args = {
-        "unknown experiment": ["--experiment", "nope"],
-        "no trial runs": ["--experiment", "empty"],
-        "unknown baseline": ["--experiment", "small", "--baseline", "base"],
-        "bad option": ["--colour"],
-    }[case]
-    expected = {
-        "unknown experiment": "unknown experiment 'nope'",
-        "no trial runs": "has no trial runs",
-        "unknown baseline": "--baseline 'base' has no runs",
-        "bad option": "unrecognized arguments",
-    }[case]
     from reports.build import cli  # in this process: the report's imports are paid once
 
     capsys.readouterr()
