@@ -40,9 +40,15 @@ def study_env(store_dir: Path, cache: Path = SHARED_CACHE, store: str = "mlflow.
     }
 
 
+def run_script(script: str, env: dict | None, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGS` from the repository root, as a user types it."""
+    command = [sys.executable, script, *args]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def run_study(env: dict | None, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """`python study/run.py ARGS` from the repository root, as a user types it."""
-    return subprocess.run([*RUN, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_script("study/run.py", env, *args, timeout=timeout)
 
 
 def assert_clean_error(result, *fragments):

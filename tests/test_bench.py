@@ -1,22 +1,16 @@
 """The benchmarks run and print tables that parse; no speed ratio is asserted (machines are noisy)."""
 
 import re
-import subprocess
-import sys
 
 import pytest
-from helpers import REPO
+from helpers import run_script
 
 MICRO_PARAMS = 3_457_284  # the micro preset, as the README states it (tests/test_config.py checks it exactly)
 
 
-def run(*args, timeout=300):
-    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.mark.slow  # about 35 s of timing five models: run by CI after the fast suite
 def test_quick_benchmark_prints_a_table_of_every_model_and_the_ratios():
-    result = run("study/bench.py", "--quick", "--sample-steps", "2")
+    result = run_script("study/bench.py", None, "--quick", "--sample-steps", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     table = {}  # model -> (params in millions, train img/s, sample img/s)
     for line in result.stdout.splitlines():
@@ -48,7 +42,7 @@ def test_fewer_than_five_repetitions_is_refused(capsys):
 
 
 def test_report_benchmark_builds_a_generated_store_and_prints_its_time():
-    result = run("reports/bench.py", "--runs", "20")
+    result = run_script("reports/bench.py", None, "--runs", "20")
     assert result.returncode == 0, result.stderr[-3000:]
     match = re.search(r"store of (\d+) runs .* report built in ([\d.]+) s \((\d+) PDF pages\)", result.stdout)
     assert match, result.stdout

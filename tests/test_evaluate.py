@@ -1,7 +1,5 @@
 """The evaluation protocol: digit-space FD/KID checked against scipy, Inception weights checked, caches, eval.py."""
 
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,7 +8,7 @@ import pytest
 import scipy.linalg
 import torch
 import yaml
-from helpers import REPO, assert_clean_error, run_study, study_env, trial_runs
+from helpers import assert_clean_error, run_script, run_study, study_env, trial_runs
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -243,14 +241,7 @@ def eval_history(client, run_id) -> dict:
 def test_eval_py_logs_a_larger_n_into_the_same_run(finished_run, tmp_path):
     run_id, env, client = finished_run
     training_time = eval_history(client, run_id)
-    result = subprocess.run(
-        [sys.executable, "study/eval.py", "--run-id", run_id, "--n", "40", "--no-progress"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_script("study/eval.py", env, "--run-id", run_id, "--n", "40", "--no-progress")
     assert result.returncode == 0, result.stderr[-3000:]
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"

@@ -6,7 +6,6 @@ import csv
 import signal
 import statistics
 import subprocess
-import sys
 import time
 
 import optuna
@@ -18,6 +17,7 @@ from helpers import (
     assert_clean_error,
     long_smoke_budget,
     optuna_db,
+    run_script,
     study_env,
     study_trials,
     trial_runs,
@@ -90,14 +90,7 @@ def test_over_budget_is_a_failed_result_that_is_never_retried_and_is_reported(tm
     assert again.returncode == 1 and "== baseline" not in again.stdout
     assert len(study_trials(optuna_db(tmp_path), "over:baseline:mnist:cpu-smoke")) == 1
 
-    report = subprocess.run(
-        [sys.executable, "reports/build.py", "--experiment", "over", "--out", str(tmp_path / "report")],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    report = run_script("reports/build.py", env, "--experiment", "over", "--out", str(tmp_path / "report"))
     assert report.returncode == 0, report.stderr[-3000:]
     [row] = csv.DictReader((tmp_path / "report" / "summary.csv").open())
     assert row["arm"] == "baseline" and int(row["n_over_budget"]) == 1 and int(row["n_seeds"]) == 0
