@@ -17,13 +17,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from liquid_diffusion.cli import DEFAULT_EXPERIMENT, OneLineParser, run_command  # noqa: E402
 from liquid_diffusion.config import ConfigError  # noqa: E402
 
+DEFAULT_BASELINE = "baseline"
+HOW_TO_READ = (
+    "How to read them: Δ is the arm's mean minus the baseline's, on each run's final objective. The same seed "
+    "gives every arm the same data order, t and noise draws and sample noise, so runs of one seed are pairs: "
+    "the paired t-test over seeds in common is the primary comparison, with Welch's unpaired interval beside "
+    "it. p-values are Holm-adjusted over the arm-vs-baseline comparisons of a dataset, and '*' marks those "
+    "below 0.05. P(improvement) is the chance a run of the arm beats a run of the baseline, with a percentile "
+    "bootstrap CI. MDE is the smallest difference the test detects with 80% power at the observed spread and "
+    "seed count (alpha 0.05, before Holm). Replication: Spearman's rho between the arms' means over the lower "
+    "and the upper half of each arm's seeds."
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="build.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("report"), help="output folder (default: %(default)s)")
     parser.add_argument(
-        "--baseline", default="baseline", help="the arm others are compared with (default: %(default)s)"
+        "--baseline",
+        default=None,
+        help=f"the arm others are compared with (default: {DEFAULT_BASELINE}; without its runs the report "
+        "has no comparison columns)",
     )
     parser.add_argument(
         "--tracking-uri",
@@ -65,7 +80,9 @@ def _comparison_columns(rows, baseline: str) -> dict[str, list[str]]:
     }
 
 
-def build(experiment: str, out: Path, baseline: str) -> dict:
+def build(experiment: str, out: Path, baseline: str | None = None) -> dict:
+    """The report of every trial run of `experiment`. An explicit `baseline` must have runs; the default
+    one may not have any yet (the quick start trains one arm first), and then the comparison is left out."""
     import mlflow
     import pandas as pd
 
@@ -78,8 +95,10 @@ def build(experiment: str, out: Path, baseline: str) -> dict:
     data = collect(experiment)
     runs, histories = data.runs, data.histories
     arms = sorted(runs["arm"].unique())
-    if baseline not in arms:
+    if baseline is not None and baseline not in arms:
         raise ConfigError(f"--baseline '{baseline}' has no runs in experiment '{experiment}'; arms: {', '.join(arms)}")
+    baseline = baseline or DEFAULT_BASELINE
+    compared = baseline in arms
     summary, rho = summarize(runs, histories, baseline)
     runs = runs.assign(outcome=runs.apply(outcome, axis=1))
     uri = mlflow.get_tracking_uri()
@@ -110,22 +129,15 @@ def build(experiment: str, out: Path, baseline: str) -> dict:
         [
             f"Experiment '{experiment}' ({uri}); {len(runs)} finished trial runs.",
             f"Datasets: {', '.join(sorted(runs['dataset'].unique()))}. Budget profiles: "
-            f"{', '.join(sorted(runs['tag:budget'].dropna().unique()))}. Baseline arm: {baseline}.",
+            f"{', '.join(sorted(runs['tag:budget'].dropna().unique()))}. Baseline arm: {baseline}"
+            + ("." if compared else " (no runs yet)."),
             *[f"Evaluation, {line}" for line in protocol],
             f"Software: {versions}. Git commit(s): {commits}.",
             f"Runs from {runs['start'].min():%Y-%m-%d %H:%M} to {runs['end'].max():%Y-%m-%d %H:%M} UTC.",
         ],
     )
-    found = Section("Findings", findings(summary, baseline, rho))
-    found.paragraphs.append(
-        "How to read them: Δ is the arm's mean minus the baseline's, on each run's final objective. The same seed "
-        "gives every arm the same data order, t and noise draws and sample noise, so runs of one seed are pairs: "
-        "the paired t-test over seeds in common is the primary comparison, with Welch's unpaired interval beside "
-        "it. p-values are Holm-adjusted over the arm-vs-baseline comparisons of a dataset, and '*' marks those "
-        "below 0.05. P(improvement) is the chance a run of the arm beats a run of the baseline, with a percentile "
-        "bootstrap CI. MDE is the smallest difference the test detects with 80% power at the observed spread and "
-        "seed count (alpha 0.05, before Holm). Replication: Spearman's rho between the arms' means over the lower "
-        "and the upper half of each arm's seeds."
+    found = Section(
+        "Findings", [*findings(summary, baseline, rho), HOW_TO_READ] if compared else [no_baseline_note(baseline)]
     )
 
     # --- per dataset ---------------------------------------------------------------------------
@@ -135,13 +147,12 @@ def build(experiment: str, out: Path, baseline: str) -> dict:
         table = pd.DataFrame(
             {
                 "arm": rows["arm"],
-                "objective": objective,
-                "mean ± std": [
+                f"{objective} mean ± std": [
                     f"{m:.4g} ± {s:.2g}" if s == s else (f"{m:.4g}" if m == m else "—")
                     for m, s in zip(rows["mean"], rows["std"])
                 ],
                 "seeds": rows["n_seeds"],
-                **_comparison_columns(rows, baseline),
+                **(_comparison_columns(rows, baseline) if compared else {}),
                 "params (M)": rows["params"] / 1e6,
                 "train img/s": rows["img_per_s"],
                 "peak mem (GB)": rows["peak_mem_gb"],
@@ -156,14 +167,16 @@ def build(experiment: str, out: Path, baseline: str) -> dict:
             if png:
                 grids[arm] = png
         figures = [
-            forest(summary, dataset, baseline),
+            *([forest(summary, dataset, baseline)] if compared else []),
             seed_points(summary, dataset),
             curves(done, histories, dataset, objective),
             loss_per_t_bin(done, dataset),
         ]
         if grids:
             figures.append(sample_grids(grids, dataset))
-        sections.append(Section(f"Results: {dataset}", [], table, figures))
+        sections.append(
+            Section(f"Results: {dataset}", [] if compared else [no_baseline_note(baseline)], [table], figures)
+        )
 
     # --- budget and untidy data ---------------------------------------------------------------
     budget = summary[["dataset", "arm", "wall_s", "images_seen", "device", "precision", "n_seeds"]].copy()
@@ -188,7 +201,7 @@ def build(experiment: str, out: Path, baseline: str) -> dict:
                 "Wall time is each run's start to end, summed; images seen are "
                 "per completed run (the total multiplies by seeds)."
             ],
-            pd.concat([budget, total], ignore_index=True),
+            [pd.concat([budget, total], ignore_index=True)],
         )
     )
     left = runs[runs["outcome"] != "complete"]
@@ -207,7 +220,7 @@ def build(experiment: str, out: Path, baseline: str) -> dict:
     listing = left[["arm", "dataset", "tag:seed", "outcome", "tag:reason", "run_id"]].rename(
         columns={"tag:seed": "seed", "tag:reason": "reason"}
     )
-    sections.append(Section("Left out", notes, listing))
+    sections.append(Section("Left out", notes, [listing]))
 
     # --- write: into temporary names, then renamed, so a crash leaves no half-written report ---
     out.mkdir(parents=True, exist_ok=True)
@@ -220,6 +233,13 @@ def build(experiment: str, out: Path, baseline: str) -> dict:
         for name in ("summary.csv", "report.html", "report.pdf"):
             os.replace(tmp / name, out / name)
     return {"runs": len(runs), "pages": pages, "seconds": time.perf_counter() - started}
+
+
+def no_baseline_note(baseline: str) -> str:
+    return (
+        f"No comparison: the baseline arm '{baseline}' has no runs in this experiment yet. Train it with "
+        f"`python study/run.py --ablation {baseline}` (same options as the other arms) and build the report again."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

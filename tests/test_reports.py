@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from helpers import assert_clean_error
 from mlflow import MlflowClient
+from pdf_layout import layout_problems, page_texts
 from scipy import stats
 
 from reports.synthetic import make_experiment
@@ -75,6 +76,7 @@ def test_html_has_every_section_embeds_its_images_and_requests_nothing(built):
     for section in ("Protocol", "Findings", "Results: mnist", "Budget accounting", "Left out"):
         assert f"<h2>{section}</h2>" in page
     assert page.count("src='data:image/png;base64,") == 5  # forest, seed points, curves, t-bins, sample grids
+    assert page.count("<figcaption>") == 5
     assert "http://" not in page and "https://" not in page and "<script" not in page and "<link" not in page
     assert "1 RUNNING run(s) left out: baseline seed 90" in page
     assert (
@@ -88,16 +90,57 @@ def test_html_has_every_section_embeds_its_images_and_requests_nothing(built):
     assert "digit-classifier feature space (not FID)" in page and "torch 2.14.1" in page
 
 
-def test_pdf_has_the_expected_pages_and_a_readable_table(built):
+def test_pdf_reads_like_an_appendix_portrait_proportional_numbered_and_nothing_runs_off(built):
     from pypdf import PdfReader
 
     out, _ = built
-    reader = PdfReader(out / "report.pdf")
-    # prose, results table, 5 figures, budget table, left-out table
-    assert len(reader.pages) == 9
-    table = reader.pages[1].extract_text()
-    for text in ("baseline", "no_relax", "mix_3", "12 ± 2"):
-        assert text in table, table[:500]
+    assert layout_problems(out / "report.pdf") == []  # portrait, text >= 6.5 pt inside the page, no ink at its edge
+    texts = page_texts(out / "report.pdf")
+    assert all(f"page {n}" in text for n, text in enumerate(texts, start=1))
+    contents = texts[0][texts[0].index("Contents") :]
+    for section in ("Protocol", "Findings", "Results: mnist", "Budget accounting", "Left out"):
+        assert section in contents
+    everything = "\n".join(texts)
+    for text in ("baseline", "no_relax", "mix_3", "12 ± 2", "+3.17 (+26.4%) *", "[+2.45, +3.88]", "MDE"):
+        assert text in everything, text
+    # the captions are text, in full: a long title wraps instead of being clipped
+    assert "each seed's final eval/fd_digits" in everything.replace("\r\n", " ").replace("\n", " ")
+    fonts = {
+        str(font.get_object()["/BaseFont"])
+        for page in PdfReader(out / "report.pdf").pages
+        for font in page["/Resources"]["/Font"].values()
+    }
+    assert "/Helvetica" in fonts and not any("Courier" in f for f in fonts), fonts
+
+
+def test_the_layout_check_finds_a_clipped_title_on_a_landscape_page(tmp_path):
+    """The old report's fault: a matplotlib page whose figure title ran off the paper."""
+    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_pdf import PdfPages
+
+    with PdfPages(tmp_path / "old.pdf") as pdf:
+        fig, ax = plt.subplots(figsize=(11.69, 8.27))
+        fig.suptitle("mnist: samples from the same noise (EMA weights, lowest seed) " * 3)
+        pdf.savefig(fig)
+        plt.close(fig)
+    problems = layout_problems(tmp_path / "old.pdf")
+    assert any("landscape" in p for p in problems)
+    assert any("characters outside the page" in p for p in problems)
+
+
+def test_without_a_baseline_run_the_report_has_no_comparison_and_says_why(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    make_experiment(MlflowClient(uri), "quick", {"no_relax": [13.0, 15.0]})
+    from reports.build import cli
+
+    assert cli(["--experiment", "quick", "--out", str(tmp_path / "out"), "--tracking-uri", uri]) == 0
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv")
+    assert list(summary["arm"]) == ["no_relax"] and summary["delta"].isna().all()
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "Δ vs" not in page and "paired 95% CI" not in page
+    assert page.count("No comparison: the baseline arm &#x27;baseline&#x27; has no runs in this experiment yet") == 2
+    assert "python study/run.py --ablation baseline" in page
+    assert layout_problems(tmp_path / "out" / "report.pdf") == []
 
 
 BROWSER = shutil.which("chromium-headless-shell") or shutil.which("chromium") or shutil.which("google-chrome")
