@@ -14,6 +14,7 @@ from pathlib import Path
 from .config import ConfigError
 
 DEFAULT_EXPERIMENT = "liquid-diffusion"
+BASELINE_ARM = "baseline"  # the arm the report compares every other arm with
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:

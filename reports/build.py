@@ -14,10 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from liquid_diffusion.cli import DEFAULT_EXPERIMENT, OneLineParser, run_command  # noqa: E402
+from liquid_diffusion.cli import BASELINE_ARM, DEFAULT_EXPERIMENT, OneLineParser, run_command  # noqa: E402
 from liquid_diffusion.config import ConfigError  # noqa: E402
 
-DEFAULT_BASELINE = "baseline"
 HOW_TO_READ = (
     "How to read them: Δ is the arm's mean minus the baseline's, on each run's final objective. The same seed "
     "gives every arm the same data order, t and noise draws and sample noise, so runs of one seed are pairs: "
@@ -37,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--baseline",
         default=None,
-        help=f"the arm others are compared with (default: {DEFAULT_BASELINE}; without its runs the report "
+        help=f"the arm others are compared with (default: {BASELINE_ARM}; without its runs the report "
         "has no comparison columns)",
     )
     parser.add_argument(
@@ -97,7 +96,7 @@ def build(experiment: str, out: Path, baseline: str | None = None) -> dict:
     arms = sorted(runs["arm"].unique())
     if baseline is not None and baseline not in arms:
         raise ConfigError(f"--baseline '{baseline}' has no runs in experiment '{experiment}'; arms: {', '.join(arms)}")
-    baseline = baseline or DEFAULT_BASELINE
+    baseline = baseline or BASELINE_ARM
     compared = baseline in arms
     summary, rho = summarize(runs, histories, baseline)
     runs = runs.assign(outcome=runs.apply(outcome, axis=1))

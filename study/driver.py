@@ -28,6 +28,7 @@ import mlflow
 import optuna
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from optuna.trial import TrialState
 
 from liquid_diffusion.config import ConfigError, ExperimentConfig
@@ -38,7 +39,7 @@ from liquid_diffusion.train import Pruned
 
 from .plans import StudyPlan
 from .storage import has_heartbeat, redact, storage_of, trial_id_of
-from .tracking import set_experiment
+from .tracking import dataset_input, log_training_data, set_experiment, source_tags
 from .trial import run_dir_for, run_trial
 
 POLL_SECONDS = 5  # how often an idle worker looks for work while others run
@@ -253,7 +254,8 @@ class Driver:
             "optuna.storage": redact(self.storage_url),
             "study.mode": mode,
             "eval.objective_metric": plan.objective,
-            "mlflow.note.content": plan.arm.description,
+            MLFLOW_RUN_NOTE: plan.arm.description,
+            **source_tags(),
         }
         run = self.client.create_run(experiment.experiment_id, run_name=plan.name.split(":", 1)[1], tags=tags)
         params = {k: v for k, v in plan.base.flat().items() if k != "train.seed"}
@@ -261,6 +263,7 @@ class Driver:
             run.info.run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()]
         )
         self.client.log_dict(run.info.run_id, plan.base.to_dict(), "config.yaml")
+        log_training_data(run.info.run_id, dataset_input(self.source_for(plan.base), plan.base.data))
         study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
         winner = study.user_attrs.get("mlflow_parent_run_id")  # two fresh commands may race here
         if winner != run.info.run_id:
@@ -388,6 +391,8 @@ class Driver:
             "study": plan.name,
             "optuna.study_name": plan.name,
             "optuna.trial_number": str(trial.number),
+            MLFLOW_RUN_NOTE: plan.arm.description,  # the run's description in the UI
+            **source_tags(),
         }
         # A search trial gets its own folder even when TPE repeats parameters; its retries and resumes share it.
         suffix = f"-trial{root_of(storage_of(study).get_trial(trial_id_of(trial)))}" if plan.search else ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import yaml  # noqa: E402
 
 from liquid_diffusion.cli import (  # noqa: E402
+    BASELINE_ARM,
     DEFAULT_EXPERIMENT,
     OneLineParser,
     add_runtime_arguments,
@@ -238,11 +240,48 @@ def train(args, argv: list[str], plans) -> int:
             + f", {len(book.of_state(TrialState.RUNNING))} running; {result}"
         )
         driver.close(plan, study)
-    print(
-        f"\nOptuna storage: {redact(url)}\n"
-        f"Open the runs with:  mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}"
-    )
+    print(f"\nOptuna storage: {redact(url)}\nNext:")
+    for command, why in next_steps(argv, plans, redact(url)):
+        print(f"  {command}    # {why}")
     return 1 if failed else 0
+
+
+def with_ablation(argv: list[str], arm: str) -> list[str]:
+    """This command's arguments with --ablation replaced by `arm`."""
+    out, replace_next = [], False
+    for token in argv:
+        if replace_next:
+            token, replace_next = arm, False
+        elif token == "--ablation":
+            replace_next = True
+        elif token.startswith("--ablation="):
+            token = f"--ablation={arm}"
+        out.append(token)
+    return out
+
+
+def next_steps(argv: list[str], plans, storage_url: str) -> list[tuple[str, str]]:
+    """The commands to run next, each as it can be typed in this shell: the baseline arm if an experiment
+    has no finished run of it (the report compares every arm with it), the report, then the two UIs."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    steps = []
+    for experiment in sorted({plan.experiment for plan in plans}):
+        found = client.search_runs(
+            [client.get_experiment_by_name(experiment).experiment_id],
+            f"tags.kind = 'trial' AND tags.ablation = '{BASELINE_ARM}' AND attributes.status = 'FINISHED'",
+            max_results=1,
+        )
+        if not found:
+            baseline = shlex.join(["python", "study/run.py", *with_ablation(argv, BASELINE_ARM)])
+            steps.append((baseline, "the arm the report compares with; it has no finished run yet"))
+        named = ["--experiment", experiment] if experiment != DEFAULT_EXPERIMENT else []
+        report = ["python", "reports/build.py", *named]
+        steps.append((shlex.join(report), "the report: report/report.html, report.pdf and summary.csv"))
+    steps.append((f"mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}", "the runs in a browser"))
+    steps.append((f"optuna-dashboard {storage_url}", "the studies in a browser"))
+    return steps
 
 
 def build_plans(args, arms, budget) -> list:

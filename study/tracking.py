@@ -14,16 +14,25 @@ import json
 import logging
 import os
 import random
+import shlex
+import sys
 import time
 from pathlib import Path
 
 import mlflow
 import numpy as np
 from filelock import FileLock
+from mlflow.data.dataset import Dataset
+from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import SourceType
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
 
 from liquid_diffusion.cli import sigterm_as_interrupt
-from liquid_diffusion.config import ConfigError
+from liquid_diffusion.config import ConfigError, DataConfig, dataset_slug
+from liquid_diffusion.data import ImageSource
 from liquid_diffusion.outcomes import OUTCOMES
 from liquid_diffusion.train import TrainingStopped, latest_image_path
 
@@ -89,12 +98,46 @@ def open_tracking_store() -> None:
                 time.sleep(0.5 + random.random())
 
 
+# MLflow 3's UI opens an experiment on the page its kind names; without the tag it guesses a GenAI one
+# (traces, no runs in sight). MLflow has no Python constant for the key; MLflow 2 ignores the tag.
+EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def set_experiment(name: str):
-    """mlflow.set_experiment, which another command may be creating at the same instant."""
+    """mlflow.set_experiment, which another command may be creating at the same instant; a new experiment
+    is marked as model training, and a kind the user chose is kept."""
     try:
-        return mlflow.set_experiment(name)
+        experiment = mlflow.set_experiment(name)
     except MlflowException:  # RESOURCE_ALREADY_EXISTS: the other command won; now it exists
-        return mlflow.set_experiment(name)
+        experiment = mlflow.set_experiment(name)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    return experiment
+
+
+def source_tags() -> dict[str, str]:
+    """The command as typed, as the run's source (the UI's Source column)."""
+    return {
+        MLFLOW_SOURCE_NAME: shlex.join(["python", *sys.argv]),
+        MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.LOCAL),
+    }
+
+
+def dataset_input(source: ImageSource, cfg: DataConfig) -> Dataset:
+    """The training data as an MLflow dataset (the UI's Dataset column): its name, content digest and origin.
+    A MetaDataset carries no rows: the images stay where they are, only their identity is recorded."""
+    if source.on_hub:
+        origin = HuggingFaceDatasetSource(path=source.location, split="train")
+    else:
+        origin = get_dataset_source_from_json(json.dumps({"uri": source.location}), source_type="local")
+    return MetaDataset(origin, name=dataset_slug(cfg.dataset), digest=source.digest)
+
+
+def log_training_data(run_id: str, dataset: Dataset) -> None:
+    """mlflow.log_input(dataset, context="training") for a run that is not the active one (a study's parent)."""
+    entity = mlflow.entities.Dataset(**dataset.to_dict())
+    context = mlflow.entities.InputTag(MLFLOW_DATASET_CONTEXT, "training")
+    mlflow.MlflowClient().log_inputs(run_id, [mlflow.entities.DatasetInput(entity, [context])])
 
 
 class StaleRunFolder(ConfigError):

@@ -21,6 +21,7 @@ from liquid_diffusion.train import Trainer, TrainingStopped, TrainResult, resolv
 
 from .tracking import (
     MLflowTracker,
+    dataset_input,
     existing_run_id,
     logged_steps,
     read_marker,
@@ -103,6 +104,7 @@ def run_trial(
     try:
         with tracked_run(run_dir, experiment, run_name, tags, cfg.flat(), parent_run_id) as run:
             tracker = MLflowTracker(report, logged_steps(run.info.run_id))  # a resumed run logs each step once
+            mlflow.log_input(dataset_input(source, cfg.data), context="training")  # MLflow keeps one per run
             mlflow.log_dict(cfg.to_dict(), "config.yaml")
             tracker.log_metrics({"data/images": len(latents), "data/skipped": source.skipped}, step=0)
             trainer = Trainer(

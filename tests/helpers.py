@@ -4,6 +4,7 @@ trainers and models. (pytest's conftest.py is for fixtures; helpers are imported
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,8 @@ RUN = [sys.executable, "study/run.py"]
 # The data and digit-classifier cache most command tests share: MNIST and the classifier are prepared
 # once (about a minute), not once per test.
 SHARED_CACHE = REPO / ".pytest_cache" / "liquid-cache"
+# A headless Chromium for the tests that look at pages as a user's browser renders them; .ci/run installs one.
+BROWSER = shutil.which("chromium-headless-shell") or shutil.which("chromium") or shutil.which("google-chrome")
 
 
 # --- the command line -------------------------------------------------------------------------------

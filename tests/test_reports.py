@@ -1,13 +1,12 @@
 """reports/build.py on synthetic MLflow stores with known numbers: CSV, HTML, PDF, a real browser, untidy data."""
 
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import assert_clean_error
+from helpers import BROWSER, assert_clean_error
 from mlflow import MlflowClient
 from pdf_layout import layout_problems, page_texts
 from scipy import stats
@@ -141,9 +140,6 @@ def test_without_a_baseline_run_the_report_has_no_comparison_and_says_why(tmp_pa
     assert page.count("No comparison: the baseline arm &#x27;baseline&#x27; has no runs in this experiment yet") == 2
     assert "python study/run.py --ablation baseline" in page
     assert layout_problems(tmp_path / "out" / "report.pdf") == []
-
-
-BROWSER = shutil.which("chromium-headless-shell") or shutil.which("chromium") or shutil.which("google-chrome")
 
 
 @pytest.mark.skipif(not BROWSER, reason="no headless Chromium: .ci/run installs Debian's chromium-headless-shell")
