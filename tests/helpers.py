@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,26 @@ def long_smoke_budget(tmp_path: Path, images: int = 1600) -> str:
     path = tmp_path / "budgets.yaml"
     path.write_text(yaml.safe_dump({"cpu-smoke": smoke}))
     return str(path)
+
+
+def wait_for(predicate, timeout=120.0, poll=0.0005) -> bool:
+    """Poll `predicate` until it holds (True) or `timeout` seconds pass (False)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(poll)
+    return False
+
+
+def checkpoint_dirs(out: Path, arm: str = "baseline") -> list[Path]:
+    """The checkpoint folders of `arm`'s run folders under a study's --out."""
+    return list(out.glob(f"*/{arm}/*/checkpoints"))
+
+
+def latest_checkpoint(out: Path) -> str | None:
+    names = [name for folder in checkpoint_dirs(out) for name in os.listdir(folder) if name.startswith("checkpoint-")]
+    return max(names, default=None)
 
 
 def write_arm(folder: Path, name: str, overrides: dict) -> Path:

@@ -41,6 +41,7 @@ def test_fewer_than_five_repetitions_is_refused(capsys):
     assert exit.value.code == 2 and "--reps must be >= 5" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # about 15 s: a 200-run store generated, then the report built from it
 def test_report_benchmark_builds_a_generated_store_and_prints_its_time():
     result = run_script("reports/bench.py", None, "--runs", "20")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -13,7 +13,18 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from helpers import RUN, assert_clean_error, long_smoke_budget, optuna_db, study_env, study_trials, trial_runs
+from helpers import (
+    RUN,
+    assert_clean_error,
+    checkpoint_dirs,
+    latest_checkpoint,
+    long_smoke_budget,
+    optuna_db,
+    study_env,
+    study_trials,
+    trial_runs,
+    wait_for,
+)
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
@@ -54,24 +65,6 @@ def start(repo, env, args):
 def kill_group(process) -> None:
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-
-
-def wait_for(predicate, timeout=120.0, poll=0.0005):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(poll)
-    return False
-
-
-def checkpoint_dirs(out: Path) -> list[Path]:
-    return list(out.glob("*/baseline/*/checkpoints"))
-
-
-def latest_checkpoint(out: Path) -> str | None:
-    names = [name for folder in checkpoint_dirs(out) for name in os.listdir(folder) if name.startswith("checkpoint-")]
-    return max(names, default=None)
 
 
 def partial_checkpoint_exists(out: Path) -> bool:

@@ -6,7 +6,7 @@ import mlflow
 import pytest
 import torch
 import yaml
-from helpers import assert_clean_error, run_study, study_env, trial_runs
+from helpers import assert_clean_error, study_env, trial_runs
 from mlflow.tracking import MlflowClient
 
 from liquid_diffusion.train import SAMPLES_KEY, latest_image_path
@@ -25,7 +25,7 @@ def client_for(env) -> MlflowClient:
 
 def test_smoke_run_logs_tags_params_metrics_samples_and_weights(repo, store, run_here):
     root, env = store
-    result = run_study(
+    result = run_here(  # in this process; tests/test_quick_start.py starts the same command as a process
         env,
         "--ablation",
         "no_relax",
