@@ -15,6 +15,9 @@ from .config import ConfigError
 
 DEFAULT_EXPERIMENT = "liquid-diffusion"
 BASELINE_ARM = "baseline"  # the arm the report compares every other arm with
+# Without $MLFLOW_TRACKING_URI every command uses this store: MLflow 3.7+ defaults to it too, while older
+# MLflow would write a ./mlruns folder, so the commands would not find each other's runs across versions.
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,6 +79,7 @@ def run_command(main: Callable[[], int], prog: str, on_interrupt: str) -> int:
     """
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
     try:
         with sigterm_as_interrupt():
             return main()

@@ -28,7 +28,12 @@ from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import SourceType
 from mlflow.exceptions import MlflowException
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_DATASET_CONTEXT,
+    MLFLOW_PARENT_RUN_ID,
+    MLFLOW_SOURCE_NAME,
+    MLFLOW_SOURCE_TYPE,
+)
 
 from liquid_diffusion.cli import sigterm_as_interrupt
 from liquid_diffusion.config import ConfigError, DataConfig, dataset_slug
@@ -185,13 +190,9 @@ def tracked_run(
     """An MLflow run for `run_dir`, new or continued; its status on exit follows the module docstring."""
     run_id = existing_run_id(run_dir)
     set_experiment(experiment)
-    run = mlflow.start_run(
-        run_id=run_id,
-        run_name=None if run_id else run_name,
-        tags=tags,
-        log_system_metrics=True,
-        parent_run_id=None if run_id else parent_run_id,
-    )
+    if parent_run_id and not run_id:  # the tag itself: start_run(parent_run_id=) needs MLflow 2.16 or later
+        tags = {**tags, MLFLOW_PARENT_RUN_ID: parent_run_id}
+    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags, log_system_metrics=True)
     resumed, run_id = run_id is not None, run.info.run_id
     _write_marker(run_dir, run_id, "RUNNING")
     status = OUTCOMES["error"].run_status

@@ -68,8 +68,8 @@ def test_training_prints_the_next_steps_as_commands(quick_start):
     assert commands == {
         "python study/run.py": "python study/run.py --ablation baseline --budget cpu-smoke",
         "python reports/build.py": "python reports/build.py",
-        "mlflow ui": f"mlflow ui --backend-store-uri sqlite:///{folder / 'mlflow.db'}",
-        "optuna-dashboard": f"optuna-dashboard sqlite:///{folder / 'optuna.db'}",
+        "mlflow ui": "mlflow ui --backend-store-uri sqlite:///mlflow.db",  # in the working folder, as typed
+        "optuna-dashboard": "optuna-dashboard sqlite:///optuna.db",
     }
     # once the baseline has a finished run, the next steps no longer ask for it
     assert "python study/run.py" not in next_commands(steps["train baseline"].stdout)
