@@ -19,6 +19,11 @@ from safetensors.torch import load_file, save_file
 PREFIX = "checkpoint-"
 
 
+def checkpoint_dir(run_dir: Path) -> Path:
+    """Where a run folder keeps its checkpoints."""
+    return Path(run_dir) / "checkpoints"
+
+
 def _split_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, plain = {}, {"param_groups": state["param_groups"], "state": {}}
     for index, values in state["state"].items():

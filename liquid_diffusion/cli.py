@@ -20,6 +20,35 @@ BASELINE_ARM = "baseline"  # the arm the report compares every other arm with
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
+# The stores MLflow can track to (its registry is private): a scheme, and an optional +driver for SQLAlchemy.
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
+SERVER_PROBE_SECONDS = 5
+
+
+def check_tracking_uri(uri: str) -> None:
+    """ConfigError for a tracking URI with an unknown scheme, or a tracking server that does not answer.
+
+    MLflow would retry a dead server for minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES, with back-off) before
+    failing with a stack trace; one probe of its /health endpoint says the same in seconds.
+    """
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlparse
+
+    scheme = urlparse(uri).scheme.split("+")[0]
+    if scheme and scheme not in TRACKING_SCHEMES and "://" in uri:
+        raise ConfigError(f"tracking URI '{uri}': unknown scheme '{scheme}'; valid: {', '.join(TRACKING_SCHEMES)}")
+    if scheme in ("http", "https"):
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVER_PROBE_SECONDS).close()
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise ConfigError(
+                f"tracking server {uri} does not answer ({reason}); start it (mlflow server ...) or fix "
+                f"MLFLOW_TRACKING_URI / --tracking-uri"
+            ) from None
+
+
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     """Where a command trains or samples: --cache-dir, --device and --no-progress (run.py and eval.py)."""
     parser.add_argument(

@@ -23,7 +23,7 @@ from diffusers.training_utils import EMAModel
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import T_BINS, ConfigError, ExperimentConfig, loss_bin_key
 from .flow import euler_sample, rectified_flow_loss, sample_t
 from .model import LiquidUNet
@@ -37,6 +37,9 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
     def log_image(self, image: np.ndarray, key: str, step: int) -> None: ...
+
+    def log_checkpoint(self, path: Path) -> None:
+        """A checkpoint was written to `path` (a tracker may copy it where other machines can read it)."""
 
 
 SAMPLES_KEY = "samples"  # the images key of the sample grids
@@ -53,6 +56,9 @@ class NullTracker:
         pass
 
     def log_image(self, image, key, step):
+        pass
+
+    def log_checkpoint(self, path):
         pass
 
 
@@ -254,7 +260,7 @@ class Trainer:
         self.eval_seconds = 0.0  # spent evaluating in this process
         self.last_eval: dict[str, float] = {}
         self.resumed_from = 0
-        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.checkpoint_dir = checkpoint_dir(self.run_dir)
         if (latest := latest_checkpoint(self.checkpoint_dir)) is not None:
             self._restore(latest)
 
@@ -396,7 +402,7 @@ class Trainer:
                 # --- checkpoint ---
                 if crossed(tc.checkpoint_every_images) or self.images_seen >= tc.images:
                     with clock("checkpoint"):
-                        self.save()
+                        self.tracker.log_checkpoint(self.save())
 
                 # --- budget ---
                 self._check_wall()

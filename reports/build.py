@@ -14,7 +14,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from liquid_diffusion.cli import BASELINE_ARM, DEFAULT_EXPERIMENT, OneLineParser, run_command  # noqa: E402
+from liquid_diffusion.cli import (  # noqa: E402
+    BASELINE_ARM,
+    DEFAULT_EXPERIMENT,
+    OneLineParser,
+    check_tracking_uri,
+    run_command,
+)
 from liquid_diffusion.config import ConfigError  # noqa: E402
 
 HOW_TO_READ = (
@@ -243,10 +249,11 @@ def no_baseline_note(baseline: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.tracking_uri:
-        import mlflow
+    import mlflow
 
+    if args.tracking_uri:
         mlflow.set_tracking_uri(args.tracking_uri)
+    check_tracking_uri(mlflow.get_tracking_uri())
     result = build(args.experiment, args.out, args.baseline)
     print(
         f"report of {result['runs']} runs in {result['seconds']:.1f} s: {args.out / 'report.html'}, "

@@ -159,6 +159,7 @@ class Driver:
         echo=print,
         worker_number: int = 0,
         compile: bool = False,
+        upload_checkpoints: bool = False,
     ):
         self.storage, self.storage_url = storage, storage_url
         self.out, self.device, self.cache_dir, self.progress, self.weights = out, device, cache_dir, progress, weights
@@ -167,6 +168,7 @@ class Driver:
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.worker_number = worker_number
         self.compile = compile
+        self.upload_checkpoints = upload_checkpoints  # study/remote_checkpoints.py
         self.failures = 0
         self._studies: dict[str, optuna.Study] = {}
         self._sources: dict[str, object] = {}
@@ -382,6 +384,7 @@ class Driver:
         cfg = plan.config_for(seed, overrides)
         objective = objective_key(cfg, self.weights)
         label = f"{plan.arm.name} seed {seed}" + (f" trial {trial.number} {overrides}" if plan.search else "")
+        root = root_of(storage_of(study).get_trial(trial_id_of(trial)))  # the first attempt: retries share it
         tags = {
             "kind": "trial",
             "ablation": plan.arm.name,
@@ -391,11 +394,12 @@ class Driver:
             "study": plan.name,
             "optuna.study_name": plan.name,
             "optuna.trial_number": str(trial.number),
+            "optuna.root_trial": str(root),  # a retry on another machine finds the earlier attempt's run by it
             MLFLOW_RUN_NOTE: plan.arm.description,  # the run's description in the UI
             **source_tags(),
         }
         # A search trial gets its own folder even when TPE repeats parameters; its retries and resumes share it.
-        suffix = f"-trial{root_of(storage_of(study).get_trial(trial_id_of(trial)))}" if plan.search else ""
+        suffix = f"-trial{root}" if plan.search else ""
         run_dir = run_dir_for(self.out, plan.experiment, plan.arm.name, cfg, plan.budget, suffix)
         self.echo(f"== {label}: {plan.arm.description}\n   run folder: {run_dir}")
 
@@ -421,6 +425,8 @@ class Driver:
                     report,
                     self.source_for(cfg),
                     self.compile,
+                    self.upload_checkpoints,
+                    self.earlier_attempt_run(plan, trial.number, root) if self.upload_checkpoints else None,
                 )
         except KeyboardInterrupt:
             trial.set_user_attr("resumable", True)
@@ -450,6 +456,19 @@ class Driver:
         self.client.set_tag(outcome.run_id, "optuna.state", state.name)
         self.failures += state == TrialState.FAIL
         self.report_outcome(outcome, state, objective, value)
+
+    def earlier_attempt_run(self, plan: StudyPlan, number: int, root: int) -> str | None:
+        """The MLflow run of the latest earlier attempt of trial `number` (first attempt `root`), on whichever
+        machine it ran, or None."""
+        experiment = self.client.get_experiment_by_name(plan.experiment)
+        query = (
+            f"tags.kind = 'trial' AND tags.study = '{plan.name}' AND tags.`optuna.root_trial` = '{root}' "
+            f"AND tags.`optuna.trial_number` != '{number}'"
+        )
+        runs = self.client.search_runs(
+            [experiment.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1
+        )
+        return runs[0].info.run_id if runs else None
 
     def close(self, plan: StudyPlan, study: optuna.Study) -> None:
         """At the end of a command: a study left unfinished with nothing running or queued has a FAILED

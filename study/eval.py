@@ -14,7 +14,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from liquid_diffusion.cli import OneLineParser, add_runtime_arguments, int_at_least, run_command  # noqa: E402
+from liquid_diffusion.cli import (  # noqa: E402
+    OneLineParser,
+    add_runtime_arguments,
+    check_tracking_uri,
+    int_at_least,
+    run_command,
+)
 from liquid_diffusion.config import METRICS, ConfigError, ExperimentConfig  # noqa: E402
 from study.weights import add_weights_arguments, inception_weights_for  # noqa: E402
 
@@ -78,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     from liquid_diffusion.evaluate import Evaluator
     from liquid_diffusion.train import generate, resolve_device, resolve_precision
 
+    check_tracking_uri(mlflow.get_tracking_uri())
     client = mlflow.MlflowClient()
     run, cfg = _run_and_config(client, args.run_id)
     metrics = args.metric or cfg.metrics

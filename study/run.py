@@ -23,8 +23,10 @@ import yaml  # noqa: E402
 from liquid_diffusion.cli import (  # noqa: E402
     BASELINE_ARM,
     DEFAULT_EXPERIMENT,
+    DEFAULT_TRACKING_URI,
     OneLineParser,
     add_runtime_arguments,
+    check_tracking_uri,
     int_at_least,
     run_command,
 )
@@ -106,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.compile the training forward: same results to float rounding, faster steps after "
         "minutes of compiling; worth it for long runs only",
     )
+    parser.add_argument(
+        "--upload-checkpoints",
+        action="store_true",
+        help="also keep each checkpoint in the MLflow run's artifacts, so that a retry on another machine "
+        "resumes from it (always on with a tracking server, http:// or https://)",
+    )
     add_weights_arguments(parser)
     parser.add_argument(
         "--ablations-dir", type=Path, default=ABLATIONS_DIR, help="where the arm files live (default: %(default)s)"
@@ -170,11 +178,14 @@ def run_workers(count: int, argv: list[str]) -> int:
 
 
 def train(args, argv: list[str], plans) -> int:
+    # A dead tracking server fails first, in a second, before the seconds of imports below
+    check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
     import mlflow  # torch, diffusers, mlflow and optuna load only when training
     from optuna.trial import TrialState
 
     from liquid_diffusion.train import resolve_device
     from study.driver import Book, Driver
+    from study.remote_checkpoints import uploads_wanted
     from study.storage import default_storage_url, open_storage
     from study.tracking import existing_run_id, open_tracking_store
     from study.trial import run_dir_for
@@ -200,6 +211,7 @@ def train(args, argv: list[str], plans) -> int:
         echo=lambda line: print(prefix + line.replace("\n", "\n" + prefix), flush=True),
         worker_number=args.worker,
         compile=args.compile,
+        upload_checkpoints=uploads_wanted(mlflow.get_tracking_uri(), args.upload_checkpoints),
     )
     for plan in plans:  # a dataset that cannot be had fails here, before any study or run exists
         driver.source_for(plan.base)

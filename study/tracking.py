@@ -35,12 +35,14 @@ from mlflow.utils.mlflow_tags import (
     MLFLOW_SOURCE_TYPE,
 )
 
+from liquid_diffusion.checkpoint import PREFIX
 from liquid_diffusion.cli import sigterm_as_interrupt
 from liquid_diffusion.config import ConfigError, DataConfig, dataset_slug
 from liquid_diffusion.data import ImageSource
 from liquid_diffusion.outcomes import OUTCOMES
 from liquid_diffusion.train import TrainingStopped, latest_image_path
 
+from . import remote_checkpoints
 from .storage import one_line_reason
 
 MARKER = "mlflow_run.json"
@@ -53,9 +55,10 @@ class MLflowTracker:
     run replays the steps between its checkpoint and the kill; those points are not logged twice.
     """
 
-    def __init__(self, report=None, logged: dict[str, int] | None = None):
+    def __init__(self, report=None, logged: dict[str, int] | None = None, upload_checkpoints: bool = False):
         self.report = report
         self.logged = logged or {}
+        self.upload_checkpoints = upload_checkpoints
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         new = {key: value for key, value in metrics.items() if step > self.logged.get(key, -1)}
@@ -69,6 +72,11 @@ class MLflowTracker:
         if step > self.logged.get("eval/seconds", -1):
             mlflow.log_image(image, key=key, step=step)  # every grid, for the UI's step slider
             mlflow.log_image(image, artifact_file=latest_image_path(key))  # the latest one, by a fixed name
+
+    def log_checkpoint(self, path: Path) -> None:
+        if self.upload_checkpoints:  # for a node that takes the trial over (study/remote_checkpoints.py)
+            seconds = remote_checkpoints.upload(mlflow.active_run().info.run_id, path)
+            mlflow.log_metric("time/checkpoint_upload_s", seconds, step=int(path.name.removeprefix(PREFIX)))
 
 
 def logged_steps(run_id: str) -> dict[str, int]:
@@ -185,10 +193,17 @@ def existing_run_id(run_dir: Path) -> str | None:
 
 @contextlib.contextmanager
 def tracked_run(
-    run_dir: Path, experiment: str, run_name: str, tags: dict[str, str], params: dict, parent_run_id: str | None = None
+    run_dir: Path,
+    experiment: str,
+    run_name: str,
+    tags: dict[str, str],
+    params: dict,
+    parent_run_id: str | None = None,
+    adopt_run_id: str | None = None,
 ):
-    """An MLflow run for `run_dir`, new or continued; its status on exit follows the module docstring."""
-    run_id = existing_run_id(run_dir)
+    """An MLflow run for `run_dir`, new or continued; its status on exit follows the module docstring.
+    `adopt_run_id`: the run to continue when the folder has none (its checkpoint came from the artifacts)."""
+    run_id = existing_run_id(run_dir) or adopt_run_id
     set_experiment(experiment)
     if parent_run_id and not run_id:  # the tag itself: start_run(parent_run_id=) needs MLflow 2.16 or later
         tags = {**tags, MLFLOW_PARENT_RUN_ID: parent_run_id}

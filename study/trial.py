@@ -9,6 +9,7 @@ from pathlib import Path
 
 import mlflow
 
+from liquid_diffusion.checkpoint import checkpoint_dir, latest_checkpoint
 from liquid_diffusion.cli import DEFAULT_EXPERIMENT
 from liquid_diffusion.codecs import load_codec
 from liquid_diffusion.config import ExperimentConfig, dataset_slug
@@ -19,6 +20,7 @@ from liquid_diffusion.latent_cache import load_or_encode
 from liquid_diffusion.outcomes import OUTCOMES
 from liquid_diffusion.train import Trainer, TrainingStopped, TrainResult, resolve_device
 
+from . import remote_checkpoints
 from .tracking import (
     MLflowTracker,
     dataset_input,
@@ -68,6 +70,15 @@ def run_dir_for(
     return Path(out_root) / experiment / arm / folder
 
 
+def _continue_from_artifacts(run_id: str, run_dir: Path) -> str | None:
+    """`run_id` when its newest uploaded checkpoint is now in `run_dir`, which had none: that run's history
+    continues here. None when the folder has a checkpoint of its own or the run uploaded none."""
+    folder = checkpoint_dir(run_dir)
+    if latest_checkpoint(folder) is None and remote_checkpoints.download_latest(run_id, folder) is not None:
+        return run_id
+    return None
+
+
 def run_trial(
     cfg: ExperimentConfig,
     tags: dict[str, str],
@@ -81,17 +92,24 @@ def run_trial(
     report=None,
     source=None,
     compile: bool = False,
+    upload_checkpoints: bool = False,
+    previous_run_id: str | None = None,
 ) -> TrialOutcome:
     """Train `cfg` to its budget, resuming from `run_dir` if an earlier attempt left a checkpoint.
 
     Data, codec and evaluation-weights errors are raised before any MLflow run exists. SIGINT/SIGTERM
     and unexpected errors propagate after the run is marked KILLED or FAILED. `report(metrics, step)`
     sees every logged metric dict and may raise Pruned. `source` is cfg.data's ImageSource if already open.
+    With `upload_checkpoints`, checkpoints also go to the run's artifacts; a folder with no run of its own
+    then continues `previous_run_id` (an earlier attempt on another machine) from its newest uploaded one.
     """
     run_dir = Path(run_dir)
     run_id = existing_run_id(run_dir)  # StaleRunFolder when the folder's run lives in another tracking store
     if run_id and read_marker(run_dir).get("status") == "FINISHED":
         return TrialOutcome("FINISHED", run_id, run_dir, reason="already finished; nothing to do")
+    adopt = None
+    if run_id is None and upload_checkpoints and previous_run_id:
+        adopt = _continue_from_artifacts(previous_run_id, run_dir)
 
     source = source or open_source(cfg.data)
     codec = load_codec(cfg.data.codec, cfg.data.codec_weights).to(resolve_device(device))
@@ -102,8 +120,9 @@ def run_trial(
 
     run_name = f"{tags.get('ablation', 'run')}-seed{cfg.train.seed}"
     try:
-        with tracked_run(run_dir, experiment, run_name, tags, cfg.flat(), parent_run_id) as run:
-            tracker = MLflowTracker(report, logged_steps(run.info.run_id))  # a resumed run logs each step once
+        with tracked_run(run_dir, experiment, run_name, tags, cfg.flat(), parent_run_id, adopt) as run:
+            # a resumed run logs each step once
+            tracker = MLflowTracker(report, logged_steps(run.info.run_id), upload_checkpoints)
             mlflow.log_input(dataset_input(source, cfg.data), context="training")  # MLflow keeps one per run
             mlflow.log_dict(cfg.to_dict(), "config.yaml")
             tracker.log_metrics({"data/images": len(latents), "data/skipped": source.skipped}, step=0)

@@ -3,11 +3,14 @@ trainers and models. (pytest's conftest.py is for fixtures; helpers are imported
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +128,32 @@ def latest_checkpoint(out: Path) -> str | None:
     return max(names, default=None)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(command: list[str], port: int, folder, ready_path: str = "/"):
+    """A server process on `port`, started in `folder` and up once `ready_path` answers; stopped afterwards.
+    Its log goes to a file there: a chatty server writing into a pipe nobody reads would block."""
+    log = Path(folder) / f"server-{port}.log"
+    with open(log, "w") as sink:
+        server = subprocess.Popen(command, cwd=folder, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(240):
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}{ready_path}", timeout=2)
+                break
+            assert server.poll() is None, log.read_text()[-2000:]
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def write_arm(folder: Path, name: str, overrides: dict) -> Path:
     """An arms folder holding one arm file, `name.yaml`, with `overrides`."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -187,7 +216,7 @@ class Recorder:
     """A tracker that keeps the training loss per step; raises KeyboardInterrupt at `stop_at`, as a kill would."""
 
     def __init__(self, stop_at=None):
-        self.losses, self.images, self.stop_at = {}, [], stop_at
+        self.losses, self.images, self.checkpoints, self.stop_at = {}, [], [], stop_at
 
     def log_metrics(self, metrics, step):
         if "train/loss" in metrics:
@@ -197,6 +226,9 @@ class Recorder:
 
     def log_image(self, image, key, step):
         self.images.append((key, step, image.shape))
+
+    def log_checkpoint(self, path):
+        self.checkpoints.append(path.name)
 
 
 def make_trainer(run_dir: Path, cfg: ExperimentConfig | None = None, recorder=None, data=None, **kw) -> Trainer:

@@ -41,10 +41,11 @@ def test_fewer_than_five_repetitions_is_refused(capsys):
     assert exit.value.code == 2 and "--reps must be >= 5" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # about 15 s: a 200-run store generated, then the report built from it
-def test_report_benchmark_builds_a_generated_store_and_prints_its_time():
-    result = run_script("reports/bench.py", None, "--runs", "20")
+@pytest.mark.slow  # about 30 s: a 20-run store generated, the report built from it, then through mlflow server
+def test_report_benchmark_builds_a_generated_store_directly_and_through_a_server():
+    result = run_script("reports/bench.py", None, "--runs", "20", "--server")
     assert result.returncode == 0, result.stderr[-3000:]
     match = re.search(r"store of (\d+) runs .* report built in ([\d.]+) s \((\d+) PDF pages\)", result.stdout)
     assert match, result.stdout
     assert int(match[1]) == 20 and float(match[2]) > 0 and int(match[3]) >= 1
+    assert re.search(r"through mlflow server: report built in [\d.]+ s .* summary.csv identical", result.stdout)

@@ -7,21 +7,18 @@ The only change to the typed commands: `--budget cpu-smoke`, so a run takes seco
 
 from __future__ import annotations
 
-import contextlib
 import html
 import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pandas as pd
 import pytest
-from helpers import BROWSER, REPO, SHARED_CACHE, trial_runs
+from helpers import BROWSER, REPO, SHARED_CACHE, free_port, serving, trial_runs
 from mlflow import MlflowClient
 
 from liquid_diffusion.data import mnist_file
@@ -117,29 +114,6 @@ def test_mlflow_sees_a_training_experiment_with_dataset_description_and_source(q
         assert {key.split("/")[0] for key in run.data.metrics} <= {"train", "eval", "data", "time", "system"}
     digests = {r.inputs.dataset_inputs[0].dataset.digest for r in runs}
     assert len(digests) == 1  # the same data, recognised as one dataset across the runs
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serving(command: list[str], port: int, folder, ready_path: str = "/"):
-    """A server process on `port`, up once `ready_path` answers; stopped afterwards."""
-    server = subprocess.Popen(command, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        for _ in range(120):
-            with contextlib.suppress(OSError):
-                urllib.request.urlopen(f"http://127.0.0.1:{port}{ready_path}", timeout=2)
-                break
-            assert server.poll() is None, server.stderr.read()[-2000:]
-            time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def rendered_text(url: str) -> str:
