@@ -291,7 +291,11 @@ def next_steps(argv: list[str], plans, storage_url: str) -> list[tuple[str, str]
         named = ["--experiment", experiment] if experiment != DEFAULT_EXPERIMENT else []
         report = ["python", "reports/build.py", *named]
         steps.append((shlex.join(report), "the report: report/report.html, report.pdf and summary.csv"))
-    steps.append((f"mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}", "the runs in a browser"))
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        steps.append((f"open {uri}", "the runs in the tracking server's UI"))
+    else:
+        steps.append((f"mlflow ui --backend-store-uri {uri}", "the runs in a browser"))
     steps.append((f"optuna-dashboard {storage_url}", "the studies in a browser"))
     return steps
 
