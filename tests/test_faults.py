@@ -140,7 +140,13 @@ def fresh_postgres_database(server_url: str) -> str:
     return server_url.rsplit("/", 1)[0] + "/" + name
 
 
-@pytest.mark.parametrize("storage", ["sqlite", "postgresql"])
+@pytest.mark.parametrize(
+    "storage",
+    [
+        pytest.param("sqlite", marks=pytest.mark.slow),  # about 25 s; the claim logic is the same as PostgreSQL's
+        "postgresql",
+    ],
+)
 def test_three_commands_started_at_the_same_instant_train_each_seed_once(repo, tmp_path, storage):
     if storage == "postgresql":
         server = os.environ.get("LIQUID_DIFFUSION_TEST_POSTGRES")
