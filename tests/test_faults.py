@@ -298,6 +298,7 @@ def test_an_unexpected_error_fails_the_command_and_a_rerun_resumes_it(repo, tmp_
     assert child.info.status == "FINISHED" and parent.info.status == "FINISHED"
 
 
+@pytest.mark.slow  # about 25 s: a worker SIGKILLed at its first checkpoint, then the rerun
 def test_a_dead_worker_s_trial_on_a_journal_storage_is_taken_over_by_a_rerun(repo, tmp_path):
     env = environment(tmp_path)
     out = tmp_path / "o"
