@@ -105,6 +105,7 @@ MARGIN = 1.8 * cm
 TABLE_FONT, TABLE_BOLD, TABLE_SIZE = "Helvetica", "Helvetica-Bold", 7.5  # 7.5 pt: legible at 100% zoom
 CELL_PAD = 3  # points each side of a cell's text
 WIDEST_COLUMN = 130  # points; longer cell text wraps
+KEEP_TOGETHER_ROWS = 20
 _STYLES = getSampleStyleSheet()
 BODY = ParagraphStyle("body", parent=_STYLES["BodyText"], fontName="Helvetica", fontSize=9.5, leading=12.5)
 CAPTION = ParagraphStyle("caption", parent=BODY, fontSize=8.5, leading=11, textColor=colors.HexColor("#444444"))
@@ -193,7 +194,8 @@ def _pdf_tables(table: pd.DataFrame, room: float) -> list[Table]:
                 ]
             )
         )
-        out += [pdf_table, Spacer(1, 8)]
+        # a short table moves to the next page whole rather than leave a row or two behind
+        out += [KeepTogether([pdf_table]) if len(texts) <= KEEP_TOGETHER_ROWS else pdf_table, Spacer(1, 8)]
     return out
 
 
