@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import torch  # noqa: E402
 from diffusers import UNet2DModel  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count  # noqa: E402
 
 from liquid_diffusion import LiquidUNet, ModelConfig  # noqa: E402
 from liquid_diffusion.flow import euler_sample, rectified_flow_loss  # noqa: E402
@@ -97,6 +98,44 @@ def candidates(presets: list[str], channels: int, resolution: int, compile_: boo
     return out
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device | None = None, n: int = 2048, reps: int = 5) -> float:
+    """The device's matmul throughput in FLOP/s: the median of `reps` n x n products after one warm-up.
+    The yardstick for a step's FLOP/s, measured in the same process just before, on the same threads."""
+    device = device or torch.device("cpu")
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+    times = []
+    for _ in range(reps + 1):
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # kernels run asynchronously: wait before reading the clock
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times[1:])  # the first is the warm-up
+
+
+def _conv_backward_flop(
+    grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed, output_padding, groups, output_mask,
+    out_shape=None, **kwargs,
+) -> int:  # fmt: skip
+    """A convolution's backward: each gradient asked for (input, weight) costs what the forward does. torch's
+    own formula agrees for dense convolutions but overcounts grouped (depthwise) ones, 65x the forward for a
+    64-channel 7x7 depthwise convolution (torch 2.14.1)."""
+    return conv_flop_count(x_shape, w_shape, grad_out_shape) * (int(output_mask[0]) + int(output_mask[1]))
+
+
+def train_step_flops(velocity, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> int:
+    """FLOP of one training step's forward and backward (matmuls and convolutions; AdamW's element-wise
+    update is a rounding error next to them), counted by torch's FlopCounterMode."""
+    with FlopCounterMode(
+        display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop}
+    ) as counter:
+        rectified_flow_loss(velocity, x, noise, t).mean().backward()
+    return counter.get_total_flops()
+
+
 def time_train_step(c: Candidate, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> float:
     start = time.perf_counter()
     rectified_flow_loss(c.velocity, x, noise, t).mean().backward()
@@ -151,6 +190,8 @@ def precision_throughput(
         sync()
         return time.perf_counter() - start
 
+    flops = train_step_flops(model, x, noise, t)  # the same FLOP count under any precision
+    optimizer.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     train_step(), sample()  # warm-up: allocator, oneDNN/cuDNN primitive caches
@@ -161,26 +202,39 @@ def precision_throughput(
         "train_img_s": shape[0] / statistics.median(train_times),
         "sample_img_s": shape[0] / statistics.median(sample_times),
         "peak_mem_gb": peak,
+        "train_flop": flops,
+        "train_flop_s": flops / statistics.median(train_times),
     }
 
 
 def print_precision_table(
     cases: list[tuple[str, tuple[int, ...]]], precisions: list[str], device: torch.device, reps: int, sample_steps: int
 ) -> dict[str, dict[str, float]]:
-    """fp32 against the mixed precisions for each (preset, shape), with the ratios to fp32."""
+    """fp32 against the mixed precisions for each (preset, shape), with the ratios to fp32, and each training
+    step's FLOP/s as a share of the device's matmul peak in that precision (measured here, just before)."""
+    peaks = {precision: matmul_peak(DTYPES[precision], device) for precision in precisions}
     rows = {}
-    print(f"\nprecision on {device} (baseline LiquidUNet; ratio = img/s over fp32 img/s):")
-    print(f"{'preset':<8}{'shape':<14}{'precision':<10}{'train img/s':>12}{'ratio':>7}{'sample img/s':>14}{'ratio':>7}")
+    print(
+        f"\nprecision on {device} (baseline LiquidUNet; ratio = img/s over fp32 img/s; matmul peak "
+        + ", ".join(f"{p} {peak / 1e9:.0f} GFLOP/s" for p, peak in peaks.items())
+        + "):"
+    )
+    print(
+        f"{'preset':<8}{'shape':<14}{'precision':<10}{'train img/s':>12}{'ratio':>7}{'sample img/s':>14}{'ratio':>7}"
+        f"{'GFLOP/step':>12}{'GFLOP/s':>9}{'of peak':>9}"
+    )
     for preset, shape in cases:
         case = f"{preset}-{'x'.join(map(str, shape))}"
         for precision in precisions:
             row = precision_throughput(preset, shape, precision, device, reps, sample_steps)
+            row["peak_share"] = row["train_flop_s"] / peaks[precision]
             rows[f"{case}/{precision}"] = row
             base = rows[f"{case}/fp32"]
             print(
                 f"{preset:<8}{'x'.join(map(str, shape)):<14}{precision:<10}{row['train_img_s']:>12.1f}"
                 f"{row['train_img_s'] / base['train_img_s']:>6.2f}x{row['sample_img_s']:>14.2f}"
-                f"{row['sample_img_s'] / base['sample_img_s']:>6.2f}x",
+                f"{row['sample_img_s'] / base['sample_img_s']:>6.2f}x{row['train_flop'] / 1e9:>12.2f}"
+                f"{row['train_flop_s'] / 1e9:>9.1f}{100 * row['peak_share']:>8.0f}%",
                 flush=True,
             )
     return rows
@@ -219,8 +273,12 @@ def main(argv=None) -> int:
         f"median of {args.reps} interleaved repetitions after one warm-up",
         flush=True,
     )
-    for c in pool:  # warm-up: allocator, oneDNN primitive caches
-        time_train_step(c, x, noise, t)
+    peak = matmul_peak(torch.float32)
+    flops = {}
+    for c in pool:  # FLOP per step (a compiled model is counted eagerly), then the warm-up
+        flops[c.name] = train_step_flops(c.model if "compiled" in c.name else c.velocity, x, noise, t)
+        c.optimizer.zero_grad(set_to_none=True)
+        time_train_step(c, x, noise, t)  # warm-up: allocator, oneDNN primitive caches
         time_sampling(c, noise, 2)
     for _ in range(args.reps):
         for c in pool:
@@ -235,9 +293,16 @@ def main(argv=None) -> int:
         )
         for c in pool
     }
-    print(f"\n{'model':<26}{'params':>10}{'train img/s':>14}{'sample img/s':>15}")
+    print(
+        f"\n{'model':<26}{'params':>10}{'train img/s':>14}{'sample img/s':>15}{'GFLOP/step':>12}{'GFLOP/s':>9}"
+        f"{'of peak':>9}   (fp32 matmul peak here: {peak / 1e9:.0f} GFLOP/s)"
+    )
     for name, (params, train, sample) in rows.items():
-        print(f"{name:<26}{params / 1e6:>9.2f}M{train:>14.1f}{sample:>15.2f}")
+        achieved = flops[name] * train / args.batch  # FLOP per step x steps per second
+        print(
+            f"{name:<26}{params / 1e6:>9.2f}M{train:>14.1f}{sample:>15.2f}{flops[name] / 1e9:>12.2f}"
+            f"{achieved / 1e9:>9.1f}{100 * achieved / peak:>8.0f}%"
+        )
 
     lead = f"liquid-{presets[0]}-baseline"
     ratios = {}

@@ -12,13 +12,19 @@ MICRO_PARAMS = 3_457_284  # the micro preset, as the README states it (tests/tes
 def test_quick_benchmark_prints_a_table_of_every_model_and_the_ratios():
     result = run_script("study/bench.py", None, "--quick", "--sample-steps", "2")
     assert result.returncode == 0, result.stderr[-3000:]
-    table = {}  # model -> (params in millions, train img/s, sample img/s)
+    table = {}  # model -> (params in millions, train img/s, sample img/s, GFLOP/step, GFLOP/s, % of peak)
+    row = r"(\S+)\s+([\d.]+)M\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)%"
     for line in result.stdout.splitlines():
-        if match := re.fullmatch(r"(\S+)\s+([\d.]+)M\s+([\d.]+)\s+([\d.]+)", line.strip()):
+        if match := re.fullmatch(row, line.strip()):
             table[match[1]] = tuple(float(x) for x in match.groups()[1:])
     names = ["liquid-micro-baseline", "liquid-micro-plain_conv", "reference-micro", "unet2d-attn", "unet2d-noattn"]
     assert sorted(table) == sorted(names)
-    assert all(train > 0 and sample > 0 for _, train, sample in table.values())
+    assert all(train > 0 and sample > 0 for _, train, sample, *_ in table.values())
+    # FLOP per step (depthwise backward counted as twice its forward) and the share of the fp32 matmul peak
+    assert re.search(r"fp32 matmul peak here: \d+ GFLOP/s", result.stdout)
+    baseline = table["liquid-micro-baseline"]
+    assert baseline[3] == pytest.approx(1.64, rel=0.02)  # GFLOP of one step at batch 4, 4x16x16
+    assert 0 < baseline[5] <= 100 and baseline[4] == pytest.approx(baseline[3] * baseline[1] / 4, rel=0.05)
     assert table["liquid-micro-baseline"][0] == pytest.approx(MICRO_PARAMS / 1e6, abs=0.005)
     assert table["reference-micro"][0] == table["liquid-micro-baseline"][0]  # the same network, written directly
     for name in names[1:]:  # the comparisons are parameter-matched within 10%
@@ -31,6 +37,7 @@ def test_quick_benchmark_prints_a_table_of_every_model_and_the_ratios():
     rows = [line.split() for line in result.stdout.splitlines() if line.startswith("micro ")]
     assert [row[2] for row in rows] == ["fp32", "bf16"]
     assert rows[0][4] == "1.00x" and float(rows[1][3]) > 0 and rows[1][4].endswith("x")
+    assert all(row[-1].endswith("%") for row in rows) and rows[0][7] == rows[1][7]  # same FLOP in bf16
 
 
 def test_fewer_than_five_repetitions_is_refused(capsys):
