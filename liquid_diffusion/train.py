@@ -128,6 +128,13 @@ def apply_vram_cap(device: torch.device, cap_gb: float) -> float | None:
     return fraction
 
 
+def adamw(params, lr: float, weight_decay: float = 0.01) -> torch.optim.AdamW:
+    """The trainer's optimizer. fused=True updates every tensor in one kernel instead of a dozen element-wise
+    ops per tensor: 17.0 -> 5.1 ms a step for micro's 296 tensors on a 2-core CPU, the same update to float
+    rounding. A checkpoint written before keeps its own setting on resume (load_state_dict restores it)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+
 def autocast(device: torch.device, precision: str):
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
@@ -241,14 +248,16 @@ class Trainer:
         self.model = LiquidUNet(cfg.model).to(self.device)
         # Checkpoints, EMA and sampling use self.model; only the training forward goes through the compiled wrapper.
         self.train_model = torch.compile(self.model) if compile else self.model
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        self.optimizer = adamw(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
         warmup_steps = math.ceil(tc.warmup_images / tc.batch_size)
         if tc.lr_schedule == "cosine":
             total_steps = math.ceil(tc.images / tc.batch_size)
             self.lr_schedule = get_cosine_schedule_with_warmup(self.optimizer, warmup_steps, total_steps)
         else:
             self.lr_schedule = get_constant_schedule_with_warmup(self.optimizer, warmup_steps)
-        self.ema = EMAModel(self.model.parameters(), decay=tc.ema_decay)
+        # foreach: one multi-tensor update instead of a Python loop over ~300 tensors (6.1 -> 3.4 ms a micro
+        # step on a 2-core CPU); the same arithmetic, so the same numbers.
+        self.ema = EMAModel(self.model.parameters(), decay=tc.ema_decay, foreach=True)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.generator = torch.Generator().manual_seed(tc.seed)
         self.latents = latents.to(self.device)
@@ -372,7 +381,7 @@ class Trainer:
                     self.scaler.scale(loss).backward()  # the scaler is a no-op unless fp16
                     self.scaler.unscale_(self.optimizer)  # so that clipping sees the true gradient norm
                     if tc.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip, foreach=True)
                     self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed
                     self.scaler.update()
                     self.optimizer.zero_grad(set_to_none=True)

@@ -23,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count  # noqa: E
 
 from liquid_diffusion import LiquidUNet, ModelConfig  # noqa: E402
 from liquid_diffusion.flow import euler_sample, rectified_flow_loss  # noqa: E402
+from liquid_diffusion.train import adamw, autocast  # noqa: E402
 
 
 @dataclass
@@ -33,7 +34,7 @@ class Candidate:
     velocity: callable  # (x, t) -> v, whatever the model's own calling convention
 
     def __post_init__(self):
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.optimizer = adamw(self.model.parameters(), lr=1e-4)
         self.train_times: list[float] = []
         self.sample_times: list[float] = []
 
@@ -136,6 +137,13 @@ def train_step_flops(velocity, x: torch.Tensor, noise: torch.Tensor, t: torch.Te
     return counter.get_total_flops()
 
 
+def forward_flops(velocity, x: torch.Tensor) -> int:
+    """FLOP of one forward at t = 0.5, as one sampling step costs."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        velocity(x, torch.full((x.shape[0],), 0.5))
+    return counter.get_total_flops()
+
+
 def time_train_step(c: Candidate, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> float:
     start = time.perf_counter()
     rectified_flow_loss(c.velocity, x, noise, t).mean().backward()
@@ -158,11 +166,10 @@ def precision_throughput(
     The training step is the trainer's: autocast, and a GradScaler for fp16. Repetitions run back
     to back after one warm-up; the median is reported.
     """
-    from liquid_diffusion.train import autocast
 
     torch.manual_seed(0)
     model = LiquidUNet(ModelConfig.preset(preset, in_channels=shape[1], resolution=shape[2])).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = adamw(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     gen = torch.Generator().manual_seed(0)
     x, noise = (torch.randn(shape, generator=gen).to(device) for _ in range(2))
@@ -240,6 +247,86 @@ def print_precision_table(
     return rows
 
 
+# What each profiled op is, for the breakdown of a training step; everything else is element-wise work and copies.
+OP_KINDS = {
+    "aten::mm": "matmul",
+    "aten::addmm": "matmul",
+    "aten::bmm": "matmul",
+    "aten::mkldnn_convolution": "convolution",
+    "aten::convolution_backward": "convolution",
+    "aten::native_group_norm": "GroupNorm",
+    "aten::native_group_norm_backward": "GroupNorm",
+    "aten::_fused_adamw_": "AdamW (fused)",
+}
+FLOP_KINDS = {
+    "mm": "matmul",
+    "addmm": "matmul",
+    "bmm": "matmul",
+    "convolution": "convolution",
+    "convolution_backward": "convolution",
+}
+
+
+def step_breakdown(preset: str, shape: tuple[int, ...], steps: int = 5) -> tuple[dict[str, float], dict[str, int]]:
+    """Seconds per training step (forward, backward, AdamW) spent in each kind of op, by torch's profiler (self
+    time on the calling thread), and the FLOP per step of each kind. "outside ops" is the rest of the step's
+    wall time: Python, the autograd engine and the profiler's own cost."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = LiquidUNet(ModelConfig.preset(preset, in_channels=shape[1], resolution=shape[2]))
+    optimizer = adamw(model.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    x, noise = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    t = torch.rand(shape[0], generator=gen)
+    with FlopCounterMode(
+        display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop}
+    ) as counter:
+        rectified_flow_loss(model, x, noise, t).mean().backward()
+    flops = {}
+    for op, n in counter.get_flop_counts()["Global"].items():
+        kind = FLOP_KINDS.get(str(op).split(".")[1], "other")
+        flops[kind] = flops.get(kind, 0) + n
+
+    def step():
+        rectified_flow_loss(model, x, noise, t).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        wall = (time.perf_counter() - start) / steps
+    seconds = {}
+    for event in prof.key_averages():
+        if event.key.startswith("aten::") and event.self_cpu_time_total > 0:
+            kind = OP_KINDS.get(event.key, "element-wise, copies, the rest")
+            seconds[kind] = seconds.get(kind, 0.0) + event.self_cpu_time_total / 1e6 / steps
+    seconds["outside ops"] = max(0.0, wall - sum(seconds.values()))
+    return seconds, flops
+
+
+def print_step_breakdown(preset: str, shape: tuple[int, ...], peak: float) -> None:
+    """Where a training step's time goes, each kind's FLOP/s as a share of the fp32 matmul peak, and the share
+    of the peak the whole step would reach if only matmuls and convolutions took time."""
+    seconds, flops = step_breakdown(preset, shape)
+    total = sum(seconds.values())
+    print(f"\nwhere a {preset} training step goes ({'x'.join(map(str, shape))}, fp32, torch profiler, 5 steps):")
+    print(f"{'kind':<32}{'ms/step':>9}{'share':>7}{'GFLOP':>8}{'GFLOP/s':>9}{'of peak':>9}")
+    for kind, s in sorted(seconds.items(), key=lambda item: -item[1]):
+        row = f"{kind:<32}{1000 * s:>9.1f}{100 * s / total:>6.0f}%"
+        if kind in flops:
+            row += f"{flops[kind] / 1e9:>8.2f}{flops[kind] / s / 1e9:>9.1f}{100 * flops[kind] / s / peak:>8.0f}%"
+        print(row)
+    bound = sum(flops.values()) / (seconds.get("matmul", 0.0) + seconds.get("convolution", 0.0))
+    print(
+        f"step {1000 * total:.1f} ms (profiled), {100 * sum(flops.values()) / total / peak:.0f}% of the fp32 peak; "
+        f"with every other op free it would be {100 * bound / peak:.0f}%"
+    )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bench.py", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="micro preset at 4x16x16, for CI (under a minute)")
@@ -274,9 +361,11 @@ def main(argv=None) -> int:
         flush=True,
     )
     peak = matmul_peak(torch.float32)
-    flops = {}
-    for c in pool:  # FLOP per step (a compiled model is counted eagerly), then the warm-up
-        flops[c.name] = train_step_flops(c.model if "compiled" in c.name else c.velocity, x, noise, t)
+    flops, sample_flops = {}, {}
+    for c in pool:  # FLOP per step and per sampling run (a compiled model is counted eagerly), then the warm-up
+        eager = c.model if "compiled" in c.name else c.velocity
+        flops[c.name] = train_step_flops(eager, x, noise, t)
+        sample_flops[c.name] = forward_flops(eager, noise) * args.sample_steps  # one forward per Euler step
         c.optimizer.zero_grad(set_to_none=True)
         time_train_step(c, x, noise, t)  # warm-up: allocator, oneDNN primitive caches
         time_sampling(c, noise, 2)
@@ -295,19 +384,20 @@ def main(argv=None) -> int:
     }
     print(
         f"\n{'model':<26}{'params':>10}{'train img/s':>14}{'sample img/s':>15}{'GFLOP/step':>12}{'GFLOP/s':>9}"
-        f"{'of peak':>9}   (fp32 matmul peak here: {peak / 1e9:.0f} GFLOP/s)"
+        f"{'of peak':>9}{'sample GFLOP/s':>16}{'of peak':>9}   (fp32 matmul peak here: {peak / 1e9:.0f} GFLOP/s)"
     )
     for name, (params, train, sample) in rows.items():
         achieved = flops[name] * train / args.batch  # FLOP per step x steps per second
+        sampling = sample_flops[name] * sample / args.batch  # FLOP per sampling run x runs per second
         print(
             f"{name:<26}{params / 1e6:>9.2f}M{train:>14.1f}{sample:>15.2f}{flops[name] / 1e9:>12.2f}"
-            f"{achieved / 1e9:>9.1f}{100 * achieved / peak:>8.0f}%"
+            f"{achieved / 1e9:>9.1f}{100 * achieved / peak:>8.0f}%{sampling / 1e9:>16.1f}{100 * sampling / peak:>8.0f}%"
         )
 
     lead = f"liquid-{presets[0]}-baseline"
     ratios = {}
     print(f"\nratios of {lead} (target in brackets):")
-    for other, target in ((f"reference-{presets[0]}", 2.0), ("unet2d-attn", 1.3), ("unet2d-noattn", None)):
+    for other, target in ((f"reference-{presets[0]}", 2.0), ("unet2d-attn", 1.5), ("unet2d-noattn", None)):
         for kind, column in (("train", 1), ("sample", 2)):
             ratio = rows[lead][column] / rows[other][column]
             ratios[f"ratio/{kind}_vs_{other}"] = ratio
@@ -319,13 +409,8 @@ def main(argv=None) -> int:
     print_precision_table(cases, ["fp32", "bf16"], torch.device("cpu"), args.reps, args.sample_steps)
 
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-
-        lead_candidate = next(c for c in pool if c.name == lead)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(3):
-                time_train_step(lead_candidate, x, noise, t)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        for preset, case_shape in cases:
+            print_step_breakdown(preset, case_shape, peak)
 
     if args.mlflow:
         import mlflow

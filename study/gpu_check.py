@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 import torch  # noqa: E402
 
 from liquid_diffusion.config import ConfigError  # noqa: E402
-from liquid_diffusion.train import autocast, resolve_device  # noqa: E402
+from liquid_diffusion.train import adamw, autocast, resolve_device  # noqa: E402
 
 # The architecture of stabilityai/sd-vae-ft-mse (its config.json); the weights here are random.
 SD_VAE_CONFIG = {
@@ -66,7 +66,7 @@ def memory_claim(device: torch.device, resolution: int, batch: int) -> dict[str,
     vae = AutoencoderKL(**SD_VAE_CONFIG).to(device).eval().requires_grad_(False)
     size = resolution // 8
     model = LiquidUNet(ModelConfig.preset("tiny", in_channels=4, resolution=size)).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = adamw(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -10,10 +10,12 @@ MICRO_PARAMS = 3_457_284  # the micro preset, as the README states it (tests/tes
 
 @pytest.mark.slow  # about 35 s of timing five models: run by CI after the fast suite
 def test_quick_benchmark_prints_a_table_of_every_model_and_the_ratios():
-    result = run_script("study/bench.py", None, "--quick", "--sample-steps", "2")
+    result = run_script("study/bench.py", None, "--quick", "--sample-steps", "2", "--profile")
     assert result.returncode == 0, result.stderr[-3000:]
-    table = {}  # model -> (params in millions, train img/s, sample img/s, GFLOP/step, GFLOP/s, % of peak)
-    row = r"(\S+)\s+([\d.]+)M\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)%"
+    # model -> (params in millions, train img/s, sample img/s, GFLOP/step, GFLOP/s, % of peak,
+    #           sampling GFLOP/s, % of peak)
+    table = {}
+    row = r"(\S+)\s+([\d.]+)M\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)%\s+([\d.]+)\s+(\d+)%"
     for line in result.stdout.splitlines():
         if match := re.fullmatch(row, line.strip()):
             table[match[1]] = tuple(float(x) for x in match.groups()[1:])
@@ -25,6 +27,7 @@ def test_quick_benchmark_prints_a_table_of_every_model_and_the_ratios():
     baseline = table["liquid-micro-baseline"]
     assert baseline[3] == pytest.approx(1.64, rel=0.02)  # GFLOP of one step at batch 4, 4x16x16
     assert 0 < baseline[5] <= 100 and baseline[4] == pytest.approx(baseline[3] * baseline[1] / 4, rel=0.05)
+    assert baseline[6] > 0 and 0 < baseline[7] <= 100  # sampling against the same peak
     assert table["liquid-micro-baseline"][0] == pytest.approx(MICRO_PARAMS / 1e6, abs=0.005)
     assert table["reference-micro"][0] == table["liquid-micro-baseline"][0]  # the same network, written directly
     for name in names[1:]:  # the comparisons are parameter-matched within 10%
@@ -38,6 +41,13 @@ def test_quick_benchmark_prints_a_table_of_every_model_and_the_ratios():
     assert [row[2] for row in rows] == ["fp32", "bf16"]
     assert rows[0][4] == "1.00x" and float(rows[1][3]) > 0 and rows[1][4].endswith("x")
     assert all(row[-1].endswith("%") for row in rows) and rows[0][7] == rows[1][7]  # same FLOP in bf16
+    # --profile: where the demo's step goes, by kind of op, and the bound if only matmuls and convolutions took time
+    breakdown = result.stdout.split("where a micro training step goes", 1)[1]
+    kinds = dict(re.findall(r"^(matmul|convolution|GroupNorm|AdamW \(fused\)|outside ops)\s+([\d.]+)", breakdown, re.M))
+    assert set(kinds) == {"matmul", "convolution", "GroupNorm", "AdamW (fused)", "outside ops"}
+    matmul = re.search(r"^matmul\s+[\d.]+\s+\d+%\s+([\d.]+)", breakdown, re.M)
+    assert float(matmul[1]) > 0.5 * float(rows[0][7])  # matmuls are most of the demo step's FLOPs
+    assert re.search(r"with every other op free it would be \d+%", breakdown)
 
 
 def test_fewer_than_five_repetitions_is_refused(capsys):
