@@ -1,7 +1,8 @@
 """Benchmark: LiquidUNet against the direct reference and a parameter-matched diffusers UNet2DModel.
 
 Training-step (forward + backward + AdamW) and sampling (Euler, 25 steps) throughput, measured in
-one process with warm-up and interleaved repetitions; the median of each is reported, then ratios.
+one process with warm-up and interleaved repetitions; the median of each is reported, then ratios,
+and each as a share of the machine's matmul peak. --profile splits a training step by kind of op.
 """
 
 from __future__ import annotations
@@ -127,14 +128,19 @@ def _conv_backward_flop(
     return conv_flop_count(x_shape, w_shape, grad_out_shape) * (int(output_mask[0]) + int(output_mask[1]))
 
 
-def train_step_flops(velocity, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> int:
-    """FLOP of one training step's forward and backward (matmuls and convolutions; AdamW's element-wise
-    update is a rounding error next to them), counted by torch's FlopCounterMode."""
+def train_step_flop_counts(velocity, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> dict[str, int]:
+    """FLOP of one training step's forward and backward by aten op ("mm", "convolution_backward", ...): matmuls
+    and convolutions, as AdamW's element-wise update is a rounding error next to them. Counted by torch's
+    FlopCounterMode."""
     with FlopCounterMode(
         display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop}
     ) as counter:
         rectified_flow_loss(velocity, x, noise, t).mean().backward()
-    return counter.get_total_flops()
+    return {str(op).split(".")[1]: n for op, n in counter.get_flop_counts()["Global"].items()}
+
+
+def train_step_flops(velocity, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> int:
+    return sum(train_step_flop_counts(velocity, x, noise, t).values())
 
 
 def forward_flops(velocity, x: torch.Tensor) -> int:
@@ -166,7 +172,6 @@ def precision_throughput(
     The training step is the trainer's: autocast, and a GradScaler for fp16. Repetitions run back
     to back after one warm-up; the median is reported.
     """
-
     torch.manual_seed(0)
     model = LiquidUNet(ModelConfig.preset(preset, in_channels=shape[1], resolution=shape[2])).to(device)
     optimizer = adamw(model.parameters(), lr=1e-4)
@@ -279,13 +284,9 @@ def step_breakdown(preset: str, shape: tuple[int, ...], steps: int = 5) -> tuple
     gen = torch.Generator().manual_seed(0)
     x, noise = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
     t = torch.rand(shape[0], generator=gen)
-    with FlopCounterMode(
-        display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop}
-    ) as counter:
-        rectified_flow_loss(model, x, noise, t).mean().backward()
     flops = {}
-    for op, n in counter.get_flop_counts()["Global"].items():
-        kind = FLOP_KINDS.get(str(op).split(".")[1], "other")
+    for op, n in train_step_flop_counts(model, x, noise, t).items():
+        kind = FLOP_KINDS.get(op, "other")
         flops[kind] = flops.get(kind, 0) + n
 
     def step():
