@@ -170,6 +170,7 @@ def summarize(runs: pd.DataFrame, histories: pd.DataFrame, baseline: str) -> tup
                 "mean": v.mean() if len(v) else np.nan,
                 "std": v.std(ddof=1) if len(v) > 1 else np.nan,
                 "values": " ".join(f"{seed:g}:{value:.6g}" for seed, value in v.items()),
+                "note": "",  # the baseline's row too: compare() never runs for it
             }
             comparison = compare(v, base, lower_better) if arm != baseline and len(v) and len(base) else {}
             row.update(comparison)

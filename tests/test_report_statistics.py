@@ -49,6 +49,7 @@ def test_pairing_finds_a_small_steady_effect_under_a_large_seed_effect_that_welc
     assert row["p"] == pytest.approx(paired.pvalue)
     assert row["paired_ci_low"] > 0 and row["welch_ci_low"] < 0 < row["welch_ci_high"]  # what pairing buys
     assert row["significant"]  # a single comparison: Holm leaves p as it is
+    assert summary.loc["baseline", "note"] == ""  # nothing for the report's "Left out" to print
     sd = np.std(np.subtract(STEADY, BASELINE), ddof=1)
     assert row["mde"] == pytest.approx(TTestPower().solve_power(nobs=4, alpha=0.05, power=0.8) * sd)
 
