@@ -164,6 +164,17 @@ def time_sampling(c: Candidate, noise: torch.Tensor, steps: int) -> float:
     return time.perf_counter() - start
 
 
+def baseline_step_inputs(preset: str, shape: tuple[int, ...], device: torch.device):
+    """The baseline LiquidUNet of `preset` for inputs of `shape`, its trainer optimizer, and a fixed batch
+    (x, noise, t), all seeded: what the precision table and the step breakdown time."""
+    torch.manual_seed(0)
+    model = LiquidUNet(ModelConfig.preset(preset, in_channels=shape[1], resolution=shape[2])).to(device)
+    gen = torch.Generator().manual_seed(0)
+    x, noise = (torch.randn(shape, generator=gen).to(device) for _ in range(2))
+    t = torch.rand(shape[0], generator=gen).to(device)
+    return model, adamw(model.parameters(), lr=1e-4), x, noise, t
+
+
 def precision_throughput(
     preset: str, shape: tuple[int, ...], precision: str, device: torch.device, reps: int, sample_steps: int
 ) -> dict[str, float]:
@@ -172,13 +183,8 @@ def precision_throughput(
     The training step is the trainer's: autocast, and a GradScaler for fp16. Repetitions run back
     to back after one warm-up; the median is reported.
     """
-    torch.manual_seed(0)
-    model = LiquidUNet(ModelConfig.preset(preset, in_channels=shape[1], resolution=shape[2])).to(device)
-    optimizer = adamw(model.parameters(), lr=1e-4)
+    model, optimizer, x, noise, t = baseline_step_inputs(preset, shape, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    gen = torch.Generator().manual_seed(0)
-    x, noise = (torch.randn(shape, generator=gen).to(device) for _ in range(2))
-    t = torch.rand(shape[0], generator=gen).to(device)
 
     def sync():
         if device.type == "cuda":
@@ -278,12 +284,7 @@ def step_breakdown(preset: str, shape: tuple[int, ...], steps: int = 5) -> tuple
     wall time: Python, the autograd engine and the profiler's own cost."""
     from torch.profiler import ProfilerActivity, profile
 
-    torch.manual_seed(0)
-    model = LiquidUNet(ModelConfig.preset(preset, in_channels=shape[1], resolution=shape[2]))
-    optimizer = adamw(model.parameters(), lr=1e-4)
-    gen = torch.Generator().manual_seed(0)
-    x, noise = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
-    t = torch.rand(shape[0], generator=gen)
+    model, optimizer, x, noise, t = baseline_step_inputs(preset, shape, torch.device("cpu"))
     flops = {}
     for op, n in train_step_flop_counts(model, x, noise, t).items():
         kind = FLOP_KINDS.get(op, "other")
@@ -309,12 +310,12 @@ def step_breakdown(preset: str, shape: tuple[int, ...], steps: int = 5) -> tuple
     return seconds, flops
 
 
-def print_step_breakdown(preset: str, shape: tuple[int, ...], peak: float) -> None:
+def print_step_breakdown(preset: str, shape: tuple[int, ...], peak: float, steps: int = 5) -> None:
     """Where a training step's time goes, each kind's FLOP/s as a share of the fp32 matmul peak, and the share
     of the peak the whole step would reach if only matmuls and convolutions took time."""
-    seconds, flops = step_breakdown(preset, shape)
+    seconds, flops = step_breakdown(preset, shape, steps)
     total = sum(seconds.values())
-    print(f"\nwhere a {preset} training step goes ({'x'.join(map(str, shape))}, fp32, torch profiler, 5 steps):")
+    print(f"\nwhere a {preset} training step goes ({'x'.join(map(str, shape))}, fp32, torch profiler, {steps} steps):")
     print(f"{'kind':<32}{'ms/step':>9}{'share':>7}{'GFLOP':>8}{'GFLOP/s':>9}{'of peak':>9}")
     for kind, s in sorted(seconds.items(), key=lambda item: -item[1]):
         row = f"{kind:<32}{1000 * s:>9.1f}{100 * s / total:>6.0f}%"
