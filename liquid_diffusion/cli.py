@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -49,6 +50,29 @@ def check_tracking_uri(uri: str) -> None:
             ) from None
 
 
+MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+# MLflow 3's UI opens in its GenAI view (traces, "No data") unless the address asks for the Model training one; the
+# view is kept only in the browser's localStorage, and the experiment's mlflow.experimentKind tag does not set it.
+TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def runs_page(ui: str, experiment_id: str, run_id: str = "") -> str:
+    """The address of an experiment's runs (or one run) in MLflow's UI, in the Model training view."""
+    run = f"/{run_id}" if run_id else ""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs{run}?{TRAINING_VIEW}"
+
+
+def artifact_root(tracking_uri: str) -> str | None:
+    """Where a new experiment of a sqlite store keeps its artifacts: `mlruns/` beside the database file.
+
+    MLflow's own default is ./mlruns under whatever folder the command happens to start in, so two stores
+    used from one folder (a user's, and a test's) would share artifact folders, and one store used from two
+    folders would scatter its runs. None for other stores, whose server or settings decide."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return (Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
+
+
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     """Where a command trains or samples: --cache-dir, --device and --no-progress (run.py and eval.py)."""
     parser.add_argument(
@@ -79,6 +103,22 @@ def int_at_least(lowest: int):
             value = None
         if value is None or value < lowest:
             raise argparse.ArgumentTypeError(f"invalid value {text!r}; expected an integer >= {lowest}")
+        return value
+
+    return parse
+
+
+def float_between(low: float, high: float = math.inf):
+    """An argparse type: a number strictly between low and high, or a one-line usage error naming the value."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not low < value < high:
+            bounds = f"between {low:g} and {high:g}" if math.isfinite(high) else f"> {low:g}"
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}; expected a number {bounds}")
         return value
 
     return parse

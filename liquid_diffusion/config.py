@@ -193,6 +193,9 @@ class TrainConfig(_Section):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     log_every_steps: int = 10
     eval_every_images: int = 10_000
+    # extra evaluations at these image counts: with a constant learning rate, the evaluation at N images
+    # of a long run is the one a run of N images ends with, so one run measures several budgets (study/plan.py)
+    eval_at_images: tuple[int, ...] = ()
     checkpoint_every_images: int = 10_000
     n_samples: int = 64
     sample_steps: int = 25
@@ -217,6 +220,8 @@ class TrainConfig(_Section):
             _number(name, getattr(self, name), 1, integer=True)
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay={self.ema_decay!r} is not valid; expected 0 <= ema_decay < 1")
+        if any(n < 1 for n in self.eval_at_images):
+            raise ConfigError(f"eval_at_images={list(self.eval_at_images)} is not valid; expected image counts >= 1")
 
 
 # The seed README's verified datasets, by short name.
@@ -306,6 +311,12 @@ def dataset_slug(dataset: str) -> str:
 T_BINS = 10
 
 
+def eval_prefix(repeat: int) -> str:
+    """Where evaluation `repeat` logs its metrics: the first (the protocol's own noise) under eval/, the
+    others, each from fresh sample noise, under eval_repeat<k>/ so that nothing reads them as the result."""
+    return "eval/" if repeat == 0 else f"eval_repeat{repeat}/"
+
+
 def loss_bin_key(i: int) -> str:
     """The logged name of the training loss in t-bin i."""
     return f"train/loss_bin{i}"
@@ -336,6 +347,9 @@ class EvalConfig(_Section):
     objective: str = "auto"  # the metric a study optimises; auto = fd_digits for mnist, fid otherwise
     kid_subset_size: int = 1000  # lowered to the smaller set's size when N is below it
     kid_subsets: int = 100
+    # how many times each evaluation is repeated with fresh sample noise: repeats beyond the first measure
+    # the evaluation's own noise (study/plan.py) and are logged under eval_repeat<k>/, never as eval/
+    noise_repeats: int = 1
 
     def __post_init__(self):
         self._check_types()
@@ -349,6 +363,7 @@ class EvalConfig(_Section):
             raise ConfigError("eval.n_ref=1 is not valid; expected 0 (the same as n) or an integer >= 2")
         _number("eval.kid_subset_size", self.kid_subset_size, 2, integer=True)
         _number("eval.kid_subsets", self.kid_subsets, 1, integer=True)
+        _number("eval.noise_repeats", self.noise_repeats, 1, integer=True)
 
 
 def _model_for(data: DataConfig, model: ModelConfig) -> ModelConfig:

@@ -31,6 +31,7 @@ from .latent_cache import default_cache_dir
 
 log = logging.getLogger(__name__)
 EVAL_NOISE_SEED = 10_000  # sample j starts from the noise of seed EVAL_NOISE_SEED + j, in every run
+REPEAT_SEED_STRIDE = 1_000_000  # repeat k of an evaluation draws from seeds k * stride + ..., apart from repeat 0's
 REFERENCE_SEED = 0  # which images of the dataset form the reference set
 PRC_NEIGHBOURS = 3  # torch-fidelity's default k for precision/recall
 REFERENCE_VERSION = 1  # bump when the reference preprocessing changes, so old statistics are never read
@@ -84,11 +85,11 @@ def objective_key(cfg: ExperimentConfig, weights: InceptionWeights | None) -> st
     return f"eval/{objective}" + ("_unverified" if unverified else "")
 
 
-def noise_for(indices: range, shape: tuple[int, ...]) -> torch.Tensor:
-    """Sample j's noise depends on j only, so the first k samples agree whatever N or batch size."""
-    return torch.stack(
-        [torch.randn(shape, generator=torch.Generator().manual_seed(EVAL_NOISE_SEED + j)) for j in indices]
-    )
+def noise_for(indices: range, shape: tuple[int, ...], repeat: int = 0) -> torch.Tensor:
+    """Sample j's noise depends on j (and the repeat) only, so the first k samples agree whatever N or batch
+    size. Repeat 0 is the protocol's noise; repeat k > 0 is fresh noise for measuring the evaluation's own spread."""
+    first = EVAL_NOISE_SEED + repeat * REPEAT_SEED_STRIDE
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(first + j)) for j in indices])
 
 
 class Evaluator:
@@ -193,14 +194,16 @@ class Evaluator:
 
     # --- evaluation -------------------------------------------------------------------------
 
-    def generate(self, sample: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 64) -> torch.Tensor:
-        """N images as uint8; `sample` maps a batch of noise to images in [-1, 1]."""
+    def generate(
+        self, sample: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 64, repeat: int = 0
+    ) -> torch.Tensor:
+        """N images as uint8 from repeat `repeat`'s noise; `sample` maps a batch of noise to images in [-1, 1]."""
         channels, size = self.cfg.data.latent_shape
         out = []
         with tqdm(total=self.n, desc="eval samples", unit="img", disable=not self.progress, leave=False) as bar:
             for start in range(0, self.n, batch_size):
                 indices = range(start, min(start + batch_size, self.n))
-                out.append(to_uint8(sample(noise_for(indices, (channels, size, size)))))
+                out.append(to_uint8(sample(noise_for(indices, (channels, size, size), repeat))))
                 bar.update(len(indices))
         return torch.cat(out)
 
@@ -272,7 +275,11 @@ class Evaluator:
         return {f"{prefix}{name}": float(value) for name, value in out.items()}
 
     def evaluate(
-        self, sample: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 64, prefix: str = "eval/"
+        self,
+        sample: Callable[[torch.Tensor], torch.Tensor],
+        batch_size: int = 64,
+        prefix: str = "eval/",
+        repeat: int = 0,
     ) -> dict[str, float]:
-        """Generate N samples with `sample` and score them."""
-        return self.score(self.generate(sample, batch_size), prefix)
+        """Generate N samples with `sample` from repeat `repeat`'s noise and score them."""
+        return self.score(self.generate(sample, batch_size, repeat), prefix)

@@ -24,7 +24,7 @@ from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from .checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import T_BINS, ConfigError, ExperimentConfig, loss_bin_key
+from .config import T_BINS, ConfigError, ExperimentConfig, eval_prefix, loss_bin_key
 from .flow import euler_sample, rectified_flow_loss, sample_t
 from .model import LiquidUNet
 
@@ -267,6 +267,11 @@ class Trainer:
         self.images_seen = self.step = 0
         self.wall_before = 0.0  # wall seconds spent by earlier processes on this run, evaluation excluded
         self.eval_seconds = 0.0  # spent evaluating in this process
+        # CPU seconds (all of this process's threads) of training, evaluation excluded, all processes so far: what a
+        # study costs a shared machine, where wall time also counts the other jobs' turns
+        self.cpu_before = self.eval_cpu_before = 0.0
+        self.eval_cpu_seconds = 0.0
+        self._started, self._cpu_started = time.perf_counter(), time.process_time()  # run() starts them again
         self.last_eval: dict[str, float] = {}
         self.resumed_from = 0
         self.checkpoint_dir = checkpoint_dir(self.run_dir)
@@ -292,6 +297,8 @@ class Trainer:
             "step": self.step,
             "images_seen": self.images_seen,
             "wall_seconds": self._wall_spent(),
+            "cpu_seconds": self._cpu_spent(),
+            "eval_cpu_seconds": self.eval_cpu_before + self.eval_cpu_seconds,
             "ema_optimization_step": self.ema.optimization_step,
             "lr_schedule": self.lr_schedule.state_dict(),  # plain values; lr_lambdas is [None] for functions
             "scaler": self.scaler.state_dict(),
@@ -316,6 +323,8 @@ class Trainer:
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         self.step, self.images_seen = state["step"], state["images_seen"]
         self.wall_before = state["wall_seconds"]
+        # checkpoints written before CPU time was kept have none
+        self.cpu_before, self.eval_cpu_before = state.get("cpu_seconds", 0.0), state.get("eval_cpu_seconds", 0.0)
         self.resumed_from = self.images_seen
 
     # --- training ----------------------------------------------------------------------------
@@ -334,6 +343,10 @@ class Trainer:
         """Wall seconds of training so far, all processes; evaluation is not charged to the budget."""
         return self.wall_before + time.perf_counter() - self._started - self.eval_seconds
 
+    def _cpu_spent(self) -> float:
+        """CPU seconds of training so far, all processes, evaluation excluded."""
+        return self.cpu_before + time.process_time() - self._cpu_started - self.eval_cpu_seconds
+
     def _check_wall(self) -> None:
         limit = self.cfg.train.max_wall_minutes * 60
         spent = self._wall_spent()
@@ -347,6 +360,7 @@ class Trainer:
     def run(self) -> TrainResult:
         tc = self.cfg.train
         self._started, self.eval_seconds = time.perf_counter(), 0.0
+        self._cpu_started, self.eval_cpu_seconds = time.process_time(), 0.0
         clock = Stopwatch("data", "step", "logging", "eval", "checkpoint")
 
         def training_seconds() -> float:
@@ -364,6 +378,9 @@ class Trainer:
 
         def crossed(every: int) -> bool:
             return self.images_seen // every > (self.images_seen - tc.batch_size) // every
+
+        def reached(images: int) -> bool:  # this step is the first at or past `images`
+            return self.images_seen >= images > self.images_seen - tc.batch_size
 
         try:
             while self.images_seen < tc.images:
@@ -403,7 +420,11 @@ class Trainer:
                         window = LossWindow(training_seconds())
 
                 # --- evaluate (its time is not charged to the wall-clock budget) ---
-                if crossed(tc.eval_every_images) or self.images_seen >= tc.images:
+                if (
+                    crossed(tc.eval_every_images)
+                    or any(map(reached, tc.eval_at_images))
+                    or self.images_seen >= tc.images
+                ):
                     with clock("eval"):
                         self.evaluate()
                     last_eval = self.images_seen
@@ -439,7 +460,12 @@ class Trainer:
             self.last_eval,
         )
         self.tracker.log_metrics(
-            {"train/peak_mem_gb": result.peak_memory_gb, "train/overhead_frac": result.overhead_fraction},
+            {
+                "train/peak_mem_gb": result.peak_memory_gb,
+                "train/overhead_frac": result.overhead_fraction,
+                # the run's whole CPU cost, training and evaluation, over every process that worked on it
+                "time/cpu_s": self._cpu_spent() + self.eval_cpu_before + self.eval_cpu_seconds,
+            },
             step=self.images_seen,
         )
         return result
@@ -470,25 +496,37 @@ class Trainer:
             return generate(model, self.codec, noise, self.cfg.train.sample_steps, self.precision, batch_size)
 
     def evaluate(self) -> float:
-        """Log a grid of samples from the fixed noise, and the evaluator's metrics; returns the seconds it took."""
-        start = time.perf_counter()
+        """Log a grid of samples from the fixed noise, and the evaluator's metrics (each of eval.noise_repeats
+        repeats under its own prefix, with its CPU seconds); returns the wall seconds it took."""
+        start, cpu_start = time.perf_counter(), time.process_time()
         images = self.sample(self.sample_noise)
         nrow = max(1, int(math.sqrt(len(images))))
         grid = make_grid(images.add(1).div(2), nrow=nrow, padding=1)
         array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         self.tracker.log_image(array, key=SAMPLES_KEY, step=self.images_seen)
-        metrics = {}
+        metrics, logged = {}, {}
         if self.evaluator is not None:  # one swap to the EMA weights for all N samples
             with self.ema_weights() as model:
                 steps, precision = self.cfg.train.sample_steps, self.precision
-                metrics = self.evaluator.evaluate(
-                    lambda noise: generate(model, self.codec, noise, steps, precision, len(noise)),
-                    self.cfg.train.batch_size,
-                )
+                for repeat in range(self.cfg.eval.noise_repeats):
+                    repeat_cpu_start, prefix = time.process_time(), eval_prefix(repeat)
+                    scores = self.evaluator.evaluate(
+                        lambda noise: generate(model, self.codec, noise, steps, precision, len(noise)),
+                        self.cfg.train.batch_size,
+                        prefix=prefix,
+                        repeat=repeat,
+                    )
+                    logged.update(scores, **{f"{prefix}cpu_s": time.process_time() - repeat_cpu_start})
+                    metrics = metrics or scores  # the result is repeat 0's, the protocol's own noise
         elapsed = time.perf_counter() - start
         self.eval_seconds += elapsed
+        self.eval_cpu_seconds += time.process_time() - cpu_start
         self.last_eval = metrics
-        self.tracker.log_metrics({**metrics, "eval/seconds": elapsed}, step=self.images_seen)
+        # the training cost up to this evaluation: what a run of this many images would have paid
+        logged.update(
+            {"eval/seconds": elapsed, "time/train_s": self._wall_spent(), "time/train_cpu_s": self._cpu_spent()}
+        )
+        self.tracker.log_metrics(logged, step=self.images_seen)
         return elapsed
 
     def export_ema(self, directory: Path) -> Path:

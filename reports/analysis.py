@@ -119,14 +119,21 @@ def compare(arm: pd.Series, base: pd.Series, lower_better: bool, rng_seed: int =
     return out
 
 
+def seed_halves(seeds) -> tuple[list, list]:
+    """The two disjoint halves a replication check compares: the lower and the upper half of the sorted seeds
+    (the upper one takes the odd seed out)."""
+    ordered = sorted(set(seeds))
+    return ordered[: len(ordered) // 2], ordered[len(ordered) // 2 :]
+
+
 def replication(values: dict[str, pd.Series]) -> float:
-    """Spearman's rho between the arms' means over two disjoint halves of the seeds (lower and upper half
-    of each arm's sorted seeds); NaN with fewer than 3 arms of at least 2 seeds."""
+    """Spearman's rho between the arms' means over two disjoint halves of the seeds (`seed_halves` of each
+    arm's seeds); NaN with fewer than 3 arms of at least 2 seeds."""
     halves = []
     for v in values.values():
         if len(v) >= 2:
-            v = v.sort_index()
-            halves.append((v.iloc[: len(v) // 2].mean(), v.iloc[len(v) // 2 :].mean()))
+            first, second = seed_halves(v.index)
+            halves.append((v[first].mean(), v[second].mean()))
     if len(halves) < 3:
         return np.nan
     first, second = zip(*halves)
@@ -186,6 +193,8 @@ def summarize(runs: pd.DataFrame, histories: pd.DataFrame, baseline: str) -> tup
                     "peak_mem_gb": complete.get("metric:train/peak_mem_gb", pd.Series(dtype=float)).mean(),
                     "images_seen": steps.reindex(complete["run_id"]).mean(),
                     "wall_s": (group["end"] - group["start"]).dt.total_seconds().sum(),
+                    # every process that worked on a run, training and evaluation; NaN for runs logged before it
+                    "cpu_s": group.get("metric:time/cpu_s", pd.Series(dtype=float)).sum(min_count=1),
                     "n_pruned": int((group["outcome"] == "pruned").sum()),
                     "n_over_budget": int((group["outcome"] == "over_budget").sum()),
                     "n_failed": int((group["outcome"] == "failed").sum()),

@@ -20,6 +20,7 @@ from liquid_diffusion.cli import (  # noqa: E402
     OneLineParser,
     check_tracking_uri,
     run_command,
+    runs_page,
 )
 from liquid_diffusion.config import ConfigError  # noqa: E402
 
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _links(run_ids: str, uri: str, experiment_id: str) -> str:
     ids = run_ids.split()
     if uri.startswith(("http://", "https://")):
-        return " ".join(f"<a href='{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{i}'>{i[:8]}</a>" for i in ids)
+        return " ".join(f"<a href='{runs_page(uri, experiment_id, i)}'>{i[:8]}</a>" for i in ids)
     return " ".join(f"<code title='{i}'>{i[:8]}</code>" for i in ids)
 
 
@@ -92,7 +93,7 @@ def build(experiment: str, out: Path, baseline: str | None = None) -> dict:
     import pandas as pd
 
     from reports.analysis import findings, outcome, summarize
-    from reports.collect import collect, last_sample_grid
+    from reports.collect import collect, last_sample_grid, latest_pilot
     from reports.figures import curves, forest, loss_per_t_bin, sample_grids, seed_points
     from reports.render import Section, write_html, write_pdf
 
@@ -104,6 +105,7 @@ def build(experiment: str, out: Path, baseline: str | None = None) -> dict:
         raise ConfigError(f"--baseline '{baseline}' has no runs in experiment '{experiment}'; arms: {', '.join(arms)}")
     baseline = baseline or BASELINE_ARM
     compared = baseline in arms
+    no_comparison = no_baseline_note(baseline, design_only=bool(runs["tag:design"].notna().all()))
     summary, rho = summarize(runs, histories, baseline)
     runs = runs.assign(outcome=runs.apply(outcome, axis=1))
     uri = mlflow.get_tracking_uri()
@@ -141,9 +143,7 @@ def build(experiment: str, out: Path, baseline: str | None = None) -> dict:
             f"Runs from {runs['start'].min():%Y-%m-%d %H:%M} to {runs['end'].max():%Y-%m-%d %H:%M} UTC.",
         ],
     )
-    found = Section(
-        "Findings", [*findings(summary, baseline, rho), HOW_TO_READ] if compared else [no_baseline_note(baseline)]
-    )
+    found = Section("Findings", [*findings(summary, baseline, rho), HOW_TO_READ] if compared else [no_comparison])
 
     # --- per dataset ---------------------------------------------------------------------------
     sections = [header, found]
@@ -179,19 +179,24 @@ def build(experiment: str, out: Path, baseline: str | None = None) -> dict:
         ]
         if grids:
             figures.append(sample_grids(grids, dataset))
-        sections.append(
-            Section(f"Results: {dataset}", [] if compared else [no_baseline_note(baseline)], [table], figures)
-        )
+        sections.append(Section(f"Results: {dataset}", [] if compared else [no_comparison], [table], figures))
+        sections += decision_sections(done, objective, baseline, dataset)
+
+    pilot = latest_pilot(data.experiment.experiment_id)
+    if pilot is not None:
+        sections.append(pilot_section(pilot))
 
     # --- budget and untidy data ---------------------------------------------------------------
-    budget = summary[["dataset", "arm", "wall_s", "images_seen", "device", "precision", "n_seeds"]].copy()
+    budget = summary[["dataset", "arm", "wall_s", "cpu_s", "images_seen", "device", "precision", "n_seeds"]].copy()
     budget["wall (min)"] = budget.pop("wall_s") / 60
+    budget["CPU (h)"] = budget.pop("cpu_s") / 3600
     total = pd.DataFrame(
         [
             {
                 "dataset": "total",
                 "arm": "",
                 "wall (min)": budget["wall (min)"].sum(),
+                "CPU (h)": budget["CPU (h)"].sum(min_count=1),
                 "images_seen": (summary["images_seen"] * summary["n_seeds"]).sum(),
                 "device": "",
                 "precision": "",
@@ -203,8 +208,9 @@ def build(experiment: str, out: Path, baseline: str | None = None) -> dict:
         Section(
             "Budget accounting",
             [
-                "Wall time is each run's start to end, summed; images seen are "
-                "per completed run (the total multiplies by seeds)."
+                "Wall time is each run's start to end, summed; CPU time is each run's own (time/cpu_s: every "
+                "thread of every process that trained or evaluated it), blank for runs logged before it was kept; "
+                "images seen are per completed run (the total multiplies by seeds)."
             ],
             [pd.concat([budget, total], ignore_index=True)],
         )
@@ -221,7 +227,12 @@ def build(experiment: str, out: Path, baseline: str | None = None) -> dict:
         if len(left)
         else "Every finished run completed."
     )
-    notes += [f"Arm {r['arm']} ({r['dataset']}): {r['note']}." for _, r in summary.iterrows() if r["note"]]
+    design_arms = set(runs.loc[runs["tag:design"].notna(), "arm"])  # compared within their design, not with baseline
+    notes += [
+        f"Arm {r['arm']} ({r['dataset']}): {r['note']}."
+        for _, r in summary.iterrows()
+        if r["note"] and r["arm"] not in design_arms
+    ]
     listing = left[["arm", "dataset", "tag:seed", "outcome", "tag:reason", "run_id"]].rename(
         columns={"tag:seed": "seed", "tag:reason": "reason"}
     )
@@ -240,7 +251,106 @@ def build(experiment: str, out: Path, baseline: str | None = None) -> dict:
     return {"runs": len(runs), "pages": pages, "seconds": time.perf_counter() - started}
 
 
-def no_baseline_note(baseline: str) -> str:
+def pilot_section(pilot):
+    """The pilot's sizing table and figure (study/plan.py), as it logged them."""
+    from reports.figures import Figure
+    from reports.render import Section
+
+    p = pilot.settings
+    text = [
+        f"Pilot run {pilot.run_id[:8]}: arms {p.get('arms')}, {p.get('pilot_seeds')} seeds, budget {p.get('budget')} "
+        f"evaluated at {p.get('lengths')} images, each evaluation repeated {p.get('eval_repeats')} times with fresh "
+        f"sample noise. Sized for a {p.get('design')} study of {p.get('study_arms')} arms and {p.get('comparisons')} "
+        f"comparison(s): an effect of {float(p.get('effect_fraction', 'nan')):.0%} of the baseline's mean at "
+        f"{float(p.get('power', 'nan')):.0%} power, family-wise alpha {p.get('alpha')} (Bonferroni-sized). The sd used "
+        f"for planning is the upper {float(p.get('sd_confidence', 'nan')):.0%} confidence limit of the measured one; "
+        "eval_share is the part of the paired differences' variance that evaluation noise makes.",
+    ]
+    columns = [
+        "images",
+        "cpu_min_per_run",
+        "wall_min_per_run",
+        "baseline_mean",
+        "baseline_sd",
+        "diff_sd",
+        "diff_sd_upper",
+        "eval_share",
+        "effect",
+        "seeds_needed",
+        "study_cpu_hours",
+        "recommended",
+    ]
+    table = pilot.table[[c for c in columns if c in pilot.table]]
+    figure = Figure("Pilot: noise against run length, and the cost of the sized study", pilot.figure_png)
+    return Section("Sizing (pilot)", text, [table], [figure])
+
+
+def decision_sections(done, objective: str, baseline: str, dataset: str) -> list:
+    """A section per design (and one for the arms against the baseline): every comparison's decision."""
+    import pandas as pd
+
+    from reports.decisions import replicated_effects, report_decisions
+    from reports.figures import interactions
+    from reports.render import Section
+
+    sections = []
+    for title, table, margin, settings in report_decisions(done, objective, baseline):
+        if table.empty:
+            continue
+        m = len(table)
+        how = (
+            "anytime-valid (seeds were added until decided; the intervals hold at every look)"
+            if settings["interval"] == "anytime"
+            else "fixed-n t intervals"
+        )
+        text = [
+            f"Reference: {settings['reference']}. Equivalence margin ±{margin:.4g} ({settings['margin']}, fixed "
+            f"before the study). Intervals: {how}, each at {1 - settings['alpha'] / m:.4g} so that all {m} hold "
+            f"together with probability {1 - settings['alpha']:g} (Bonferroni). Decision: equivalent when the "
+            "interval lies inside the margin, better or worse when it excludes 0, else undecided, with roughly "
+            "the seeds it would still need at the spread measured so far.",
+        ]
+        shown = pd.DataFrame(
+            {
+                "comparison": table["comparison"],
+                "estimate": table["estimate"],
+                "interval": [f"[{lo:+.4g}, {hi:+.4g}]" for lo, hi in zip(table["ci_low"], table["ci_high"])],
+                "decision": table["decision"],
+                "seeds": table["n"],
+                "more seeds to decide": [
+                    "" if d != "undecided" else (f"~{e:.0f}" if e == e and e is not None else "> 200")
+                    for d, e in zip(table["decision"], table["extra_seeds"])
+                ],
+            }
+        )
+        if "aliased_with" in table and table["aliased_with"].astype(bool).any():
+            shown["aliased with"] = table["aliased_with"]
+        tables, figures = [shown], []
+        if settings["factors"]:
+            figures.append(interactions(settings["values"], settings["factors"], objective, title))
+            replicated = replicated_effects(settings["values"].dropna(subset=["value"]), settings["factors"])
+            if len(replicated):
+                first, second = replicated.attrs["halves"]
+                main = replicated[[" x " not in term for term in replicated["term"]]]
+                text.append(
+                    f"Replication: every effect estimated again on seeds {first} and on seeds {second} alone. "
+                    f"{int(main['same_sign'].sum())} of {len(main)} main effects keep their sign in both halves."
+                )
+                tables.append(
+                    replicated.rename(
+                        columns={"first_half": f"seeds {first}", "second_half": f"seeds {second}", "term": "effect"}
+                    )
+                )
+        sections.append(Section(f"Decisions: {dataset}, {title}", text, tables, figures))
+    return sections
+
+
+def no_baseline_note(baseline: str, design_only: bool) -> str:
+    if design_only:  # a factorial has no baseline arm: its comparisons are its effects
+        return (
+            "Every run belongs to a factorial design: its comparisons are the design's effects, in the Decisions "
+            "section below. `--baseline ARM` adds each arm's comparison with one of them (its reference arm, say)."
+        )
     return (
         f"No comparison: the baseline arm '{baseline}' has no runs in this experiment yet. Train it with "
         f"`python study/run.py --ablation {baseline}` (same options as the other arms) and build the report again."

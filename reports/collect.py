@@ -30,6 +30,11 @@ TAGS = (
     "precision",
     "versions",
     "git.commit",
+    "design",  # a factorial's: its name and its factors (reports/decisions.py) ...
+    "design.factors",
+    "decision.margin",  # ... and every study's decision settings, fixed when it started
+    "decision.alpha",
+    "decision.interval",
 )
 PARAMS = (
     "model.parameters",
@@ -152,3 +157,29 @@ def _last_step_image(files: set[str], key: str) -> str | None:
         if p.startswith(f"images/{key}+step+") and p.endswith(".png")
     ]
     return max(steps)[1] if steps else None
+
+
+@dataclass
+class Pilot:
+    """The sizing table a pilot (study/plan.py) logged in an experiment: its newest run tagged kind=pilot."""
+
+    run_id: str
+    table: pd.DataFrame
+    figure_png: bytes
+    settings: dict[str, str]
+
+
+def latest_pilot(experiment_id: str) -> Pilot | None:
+    client = mlflow.MlflowClient()
+    runs = client.search_runs(
+        [experiment_id],
+        "tags.kind = 'pilot' AND attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+    )
+    if not runs:
+        return None
+    run = runs[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        table = pd.read_csv(client.download_artifacts(run.info.run_id, "sizing.csv", tmp))
+        png = Path(client.download_artifacts(run.info.run_id, "sizing.png", tmp)).read_bytes()
+    return Pilot(run.info.run_id, table, png, dict(run.data.params))

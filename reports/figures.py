@@ -37,6 +37,17 @@ def finish(fig: plt.Figure, caption: str) -> Figure:
     return Figure(caption, buffer.getvalue())
 
 
+def plain_numbers(ax, axis: str) -> None:
+    """Tick labels as plain numbers: never matplotlib's offset ("1e-6+1.7003") or scientific notation. A
+    single value (one seed, one arm) gets a range of +-5% around it instead of a sliver of float noise."""
+    low, high = ax.get_xlim() if axis == "x" else ax.get_ylim()
+    centre = (low + high) / 2
+    if high - low < 1e-6 * max(1.0, abs(centre)):
+        half = 0.05 * abs(centre) or 1.0
+        (ax.set_xlim if axis == "x" else ax.set_ylim)(centre - half, centre + half)
+    ax.ticklabel_format(useOffset=False, style="plain", axis=axis)
+
+
 def _by_arm(runs: pd.DataFrame, histories: pd.DataFrame, key: str) -> dict[str, pd.DataFrame]:
     """arm -> (step x run) table of `key`, completed runs only."""
     out = {}
@@ -104,6 +115,7 @@ def seed_points(summary: pd.DataFrame, dataset: str) -> Figure:
     objective = rows["objective"].iloc[0] if len(rows) else ""
     ax.set_yticks(range(len(rows)), rows["arm"])
     ax.set(xlabel=objective)
+    plain_numbers(ax, "x")
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     return finish(fig, f"{dataset}: each seed's final {objective} (colour = seed, the same in every arm; bar = mean).")
@@ -147,3 +159,44 @@ def sample_grids(grids: dict[str, bytes], dataset: str) -> Figure:
         ax.set_title(arm, fontsize=8)
     fig.tight_layout()
     return finish(fig, f"{dataset}: each arm's last sample grid, from the same noise (EMA weights, lowest seed).")
+
+
+def sizing(table: pd.DataFrame, objective: str) -> Figure:
+    """The pilot's two curves against run length: the spread of the paired differences (with the planning
+    upper limit), and the CPU-hours of the study that detects the stated effect."""
+    fig, (spread, cost) = plt.subplots(1, 2, figsize=(WIDTH_IN, 2.6))
+    kimages = table["images"] / 1000
+    spread.plot(kimages, table["diff_sd"], "o-", label="sd of paired differences")
+    spread.plot(kimages, table["diff_sd_upper"], "s--", label="upper limit used for planning")
+    spread.plot(kimages, table["effect"], ":", color="grey", label="effect to detect")
+    spread.set(xlabel="training images (thousands)", ylabel=objective)
+    spread.legend(fontsize=7)
+    hours = table["study_cpu_hours"].replace(np.inf, np.nan)
+    cost.plot(kimages, hours, "o-")
+    for x, y, n in zip(kimages, hours, table["seeds_needed"]):
+        if y == y:
+            cost.annotate(f"{n:.0f} seeds", (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    cost.set(xlabel="training images (thousands)", ylabel="CPU-hours of the sized study")
+    for axis in (spread, cost):
+        plain_numbers(axis, "y")
+    fig.tight_layout()
+    return finish(fig, f"Pilot: noise of {objective} against run length, and the cost of a study sized by it")
+
+
+def interactions(values: pd.DataFrame, factors: dict[str, tuple[str, str]], objective: str, title: str) -> Figure:
+    """One panel per pair of factors: the mean objective at each level of the first, a line per level of the
+    second. Parallel lines mean no interaction; crossing or diverging ones mean the effect depends on it."""
+    names = list(factors)
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(WIDTH_IN, 2.4), squeeze=False)
+    for axis, (a, b) in zip(axes[0], pairs):
+        for level in factors[b]:
+            rows = values[values[b] == level]
+            means = [rows.loc[rows[a] == x, "value"].mean() for x in factors[a]]
+            axis.plot(range(2), means, "o-", label=f"{b} {level}")
+        axis.set_xticks(range(2), factors[a])
+        axis.set(xlabel=a, ylabel=objective)
+        plain_numbers(axis, "y")
+        axis.legend(fontsize=7)
+    fig.tight_layout()
+    return finish(fig, f"Interactions, {title}: mean {objective} over seeds at each pair of levels")

@@ -13,6 +13,7 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
+from liquid_diffusion.cli import artifact_root
 from liquid_diffusion.config import T_BINS, loss_bin_key
 
 OBJECTIVE = "eval/fd_digits"
@@ -84,7 +85,7 @@ def make_experiment(
     client: MlflowClient, name: str, arms: dict[str, list[float]], untidy: bool = False, grids: bool = False, **kwargs
 ) -> str:
     """`arms`: arm -> final objective per seed. Returns the experiment id."""
-    experiment_id = client.create_experiment(name)
+    experiment_id = client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri))
     rng = np.random.default_rng(0)
     for arm, finals in arms.items():
         for seed, final in enumerate(finals):

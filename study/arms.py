@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ class OverrideSet:
     description: str
     overrides: dict[str, Any]
     source: str  # where it was read, for error messages
+    tags: dict[str, str] = field(default_factory=dict)  # logged on the arm's runs, e.g. a factorial's factor.* levels
 
     def apply(self, base: ExperimentConfig) -> ExperimentConfig:
         try:
@@ -30,16 +31,22 @@ class OverrideSet:
             raise ConfigError(f"{self.source}: {err}") from None
 
 
-def parse_override_set(name: str, data: Any, source: str) -> OverrideSet:
-    """Validate the `{description, overrides}` shape shared by arm files and budget entries."""
+def described_entry(data: Any, keys: tuple[str, ...], source: str) -> str:
+    """Check a YAML entry is a mapping of `keys` only, with a non-empty description; returns the description."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping with keys {', '.join(ENTRY_KEYS)}")
+        raise ConfigError(f"{source}: expected a mapping with keys {', '.join(keys)}")
     for key in data:
-        if key not in ENTRY_KEYS:
-            raise ConfigError(f"{source}: unknown key '{key}'; valid keys: {', '.join(ENTRY_KEYS)}")
+        if key not in keys:
+            raise ConfigError(f"{source}: unknown key '{key}'; valid keys: {', '.join(keys)}")
     description = data.get("description")
     if not isinstance(description, str) or not description.strip():
         raise ConfigError(f"{source}: 'description' must be a non-empty one-line string")
+    return description
+
+
+def parse_override_set(name: str, data: Any, source: str) -> OverrideSet:
+    """Validate the `{description, overrides}` shape shared by arm files and budget entries."""
+    description = described_entry(data, ENTRY_KEYS, source)
     overrides = data.get("overrides") or {}
     if not isinstance(overrides, dict):
         raise ConfigError(f"{source}: 'overrides' must be a mapping of section.key: value")

@@ -40,7 +40,7 @@ from liquid_diffusion.train import Pruned
 from .plans import StudyPlan
 from .storage import has_heartbeat, redact, storage_of, trial_id_of
 from .tracking import dataset_input, log_training_data, set_experiment, source_tags
-from .trial import run_dir_for, run_trial
+from .trial import RuntimeOptions, run_dir_for, run_trial
 
 POLL_SECONDS = 5  # how often an idle worker looks for work while others run
 SEED_MAX = 2**31 - 1  # the seed's range in every study, so a rerun with more --seeds fits the same distribution
@@ -152,23 +152,15 @@ class Driver:
         storage,
         storage_url: str,
         out: Path,
-        device: str,
-        cache_dir: Path | None,
-        progress: bool,
-        weights=None,
+        runtime: RuntimeOptions,
         echo=print,
         worker_number: int = 0,
-        compile: bool = False,
-        upload_checkpoints: bool = False,
     ):
-        self.storage, self.storage_url = storage, storage_url
-        self.out, self.device, self.cache_dir, self.progress, self.weights = out, device, cache_dir, progress, weights
+        self.storage, self.storage_url, self.out, self.runtime = storage, storage_url, out, runtime
         self.echo = echo
         self.client = mlflow.MlflowClient()
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.worker_number = worker_number
-        self.compile = compile
-        self.upload_checkpoints = upload_checkpoints  # study/remote_checkpoints.py
         self.failures = 0
         self._studies: dict[str, optuna.Study] = {}
         self._sources: dict[str, object] = {}
@@ -257,6 +249,8 @@ class Driver:
             "study.mode": mode,
             "eval.objective_metric": plan.objective,
             MLFLOW_RUN_NOTE: plan.arm.description,
+            **plan.arm.tags,
+            **plan.tags,
             **source_tags(),
         }
         run = self.client.create_run(experiment.experiment_id, run_name=plan.name.split(":", 1)[1], tags=tags)
@@ -320,6 +314,8 @@ class Driver:
         """
         storage = storage_of(study)
         for queued in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            if plan.seeds is not None and Book.seed_of(queued) not in plan.seeds:
+                continue  # queued by an earlier command with other seeds: `--seed 1` trains seed 1 only
             try:
                 if not storage.set_trial_state_values(trial_id_of(queued), state=TrialState.RUNNING):
                     continue
@@ -382,7 +378,7 @@ class Driver:
         seed = trial.suggest_int("seed", 0, SEED_MAX) if plan.seeds is not None else plan.search_seed
         overrides = plan.search.suggest(trial) if plan.search else {}
         cfg = plan.config_for(seed, overrides)
-        objective = objective_key(cfg, self.weights)
+        objective = objective_key(cfg, self.runtime.weights)
         label = f"{plan.arm.name} seed {seed}" + (f" trial {trial.number} {overrides}" if plan.search else "")
         root = root_of(storage_of(study).get_trial(trial_id_of(trial)))  # the first attempt: retries share it
         tags = {
@@ -396,6 +392,8 @@ class Driver:
             "optuna.trial_number": str(trial.number),
             "optuna.root_trial": str(root),  # a retry on another machine finds the earlier attempt's run by it
             MLFLOW_RUN_NOTE: plan.arm.description,  # the run's description in the UI
+            **plan.arm.tags,  # a factorial's factor.<name> levels
+            **plan.tags,  # the study's decision settings
             **source_tags(),
         }
         # A search trial gets its own folder even when TPE repeats parameters; its retries and resumes share it.
@@ -417,16 +415,11 @@ class Driver:
                     tags,
                     run_dir,
                     plan.experiment,
-                    self.device,
-                    self.cache_dir,
-                    self.progress,
-                    self.weights,
+                    self.runtime,
                     study.user_attrs["mlflow_parent_run_id"],
                     report,
                     self.source_for(cfg),
-                    self.compile,
-                    self.upload_checkpoints,
-                    self.earlier_attempt_run(plan, trial.number, root) if self.upload_checkpoints else None,
+                    self.earlier_attempt_run(plan, trial.number, root) if self.runtime.upload_checkpoints else None,
                 )
         except KeyboardInterrupt:
             trial.set_user_attr("resumable", True)

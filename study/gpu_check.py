@@ -98,7 +98,7 @@ def t4_path_run(device: torch.device, folder: Path, images: int, resolution: int
 
     from study.arms import load_arms
     from study.budgets import get_budget, load_budgets, resolve_config
-    from study.trial import run_trial
+    from study.trial import RuntimeOptions, run_trial
 
     mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
     budget = get_budget(load_budgets(), "t4-30m")
@@ -120,9 +120,7 @@ def t4_path_run(device: torch.device, folder: Path, images: int, resolution: int
         {"kind": "gpu-check"},
         folder / "run",
         "gpu-check",
-        str(device),
-        None,  # the usual cache
-        progress=False,
+        RuntimeOptions(device=str(device), progress=False),  # the usual cache
     )
     wall = time.perf_counter() - start
     run = mlflow.get_run(outcome.run_id)

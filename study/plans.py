@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from liquid_diffusion.config import METRICS, ExperimentConfig, dataset_slug
 
@@ -23,6 +23,7 @@ class StudyPlan:
     search: SearchSpace | None = None  # search mode: TPE over this space ...
     n_trials: int = 0  # ... for this many trials
     search_seed: int = 0  # ... all trained with this seed
+    tags: dict[str, str] = field(default_factory=dict)  # the study's settings, on its parent and trial runs
 
     @property
     def name(self) -> str:
@@ -39,8 +40,9 @@ class StudyPlan:
 
     @property
     def digest(self) -> str:
-        """Identifies the study's config; a rerun with another config must not continue the study."""
-        return self.base.digest()
+        """Identifies the study's config; a rerun with another config must not continue the study. In seeds mode
+        the seeds are the study's trials, so `--seed 1` continues the study that `--seeds 1` began."""
+        return (self.base.with_overrides({"train.seed": 0}) if self.seeds is not None else self.base).digest()
 
     def config_for(self, seed: int, overrides: dict) -> ExperimentConfig:
         return self.base.with_overrides({**overrides, "train.seed": seed})

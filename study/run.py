@@ -24,16 +24,21 @@ from liquid_diffusion.cli import (  # noqa: E402
     BASELINE_ARM,
     DEFAULT_EXPERIMENT,
     DEFAULT_TRACKING_URI,
+    MLFLOW_UI,
     OneLineParser,
     add_runtime_arguments,
     check_tracking_uri,
+    float_between,
     int_at_least,
     run_command,
+    runs_page,
 )
 from liquid_diffusion.config import ConfigError, ExperimentConfig  # noqa: E402
+from reports.decisions import MARGIN_TEXT  # noqa: E402
 from study.arms import ABLATIONS_DIR, load_arms, select_arms  # noqa: E402
 from study.budgets import BUDGETS_FILE, get_budget, load_budgets, resolve_config  # noqa: E402
 from study.search import SEARCH_SPACE_FILE  # noqa: E402
+from study.sequential import check_settings  # noqa: E402
 from study.storage import HEARTBEAT_SECONDS, redact  # noqa: E402
 from study.weights import add_weights_arguments, inception_weights_for  # noqa: E402
 
@@ -44,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="run.py", description=__doc__)
     parser.add_argument("--list", action="store_true", help="print every ablation arm with its description")
     parser.add_argument("--ablation", metavar="A[,B,...]|all", help="arm(s) to run, by file name in ablations/")
+    parser.add_argument(
+        "--design",
+        metavar="NAME|FILE",
+        help="a factorial design from ablations/designs/ (or a .yaml path): its arms are generated, one per "
+        "combination of the factors' levels",
+    )
     parser.add_argument(
         "--dataset",
         default="mnist",
@@ -71,6 +82,39 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="tune with TPE for N trials over the space in --search-space, pruning on the objective",
     )
+    parser.add_argument(
+        "--until-decided",
+        action="store_true",
+        help="sequential seeds: start with --seeds N (default 3), then add seeds to the comparisons still "
+        "undecided, with anytime-valid intervals, until all are decided or a cap is reached",
+    )
+    parser.add_argument(
+        "--max-seeds",
+        type=int_at_least(2),
+        default=10,
+        metavar="N",
+        help="--until-decided: never more seeds than this per arm (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-cpu-hours",
+        type=float_between(0),
+        default=None,
+        metavar="H",
+        help="--until-decided: no round that would take the study's runs past H CPU-hours (default: no cap)",
+    )
+    parser.add_argument(
+        "--margin",
+        default=MARGIN_TEXT,
+        help="the equivalence margin, fixed before the study: a share of the reference arm's mean (5%%) or a "
+        "number in the objective's units (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--alpha",
+        type=float_between(0, 1),
+        default=0.05,
+        help="family-wise error rate of the study's decisions (default: %(default)s)",
+    )
+    parser.add_argument("--round-seeds", default=None, help=argparse.SUPPRESS)  # a worker: this round's seeds per arm
     parser.add_argument(
         "--search-space",
         type=Path,
@@ -118,7 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--ablations-dir", type=Path, default=ABLATIONS_DIR, help="where the arm files live (default: %(default)s)"
     )
-    parser.add_argument("--budgets-file", type=Path, default=BUDGETS_FILE, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--budgets-file",
+        type=Path,
+        default=BUDGETS_FILE,
+        metavar="FILE",
+        help="where --budget's profiles are read, e.g. the one study/plan.py recommends (default: study/budgets.yaml)",
+    )
     parser.add_argument("--heartbeat-seconds", type=int_at_least(1), default=HEARTBEAT_SECONDS, help=argparse.SUPPRESS)
     parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)  # child K of --workers: studies exist
     return parser
@@ -177,7 +227,7 @@ def run_workers(count: int, argv: list[str]) -> int:
     return max(codes)
 
 
-def train(args, argv: list[str], plans) -> int:
+def train(args, argv: list[str], plans, show_next: bool = True) -> int:
     # A dead tracking server fails first, in a second, before the seconds of imports below
     check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
     import mlflow  # torch, diffusers, mlflow and optuna load only when training
@@ -188,7 +238,7 @@ def train(args, argv: list[str], plans) -> int:
     from study.remote_checkpoints import uploads_wanted
     from study.storage import default_storage_url, open_storage
     from study.tracking import existing_run_id, open_tracking_store
-    from study.trial import run_dir_for
+    from study.trial import RuntimeOptions, run_dir_for
 
     resolve_device(args.device)  # --device cuda on a machine without CUDA fails here, before any storage exists
     open_tracking_store()
@@ -200,18 +250,21 @@ def train(args, argv: list[str], plans) -> int:
     weights = inception_weights_for([plan.base for plan in plans], args)  # fails here, before anything trains
     url = args.storage or default_storage_url(mlflow.get_tracking_uri())
     prefix = f"[worker {args.worker}] " if args.worker else ""
+    runtime = RuntimeOptions(
+        device=args.device,
+        cache_dir=args.cache_dir,
+        progress=not args.no_progress,
+        weights=weights,
+        compile=args.compile,
+        upload_checkpoints=uploads_wanted(mlflow.get_tracking_uri(), args.upload_checkpoints),
+    )
     driver = Driver(
         open_storage(url, args.heartbeat_seconds),
         url,
         args.out,
-        args.device,
-        args.cache_dir,
-        not args.no_progress,
-        weights,
+        runtime,
         echo=lambda line: print(prefix + line.replace("\n", "\n" + prefix), flush=True),
         worker_number=args.worker,
-        compile=args.compile,
-        upload_checkpoints=uploads_wanted(mlflow.get_tracking_uri(), args.upload_checkpoints),
     )
     for plan in plans:  # a dataset that cannot be had fails here, before any study or run exists
         driver.source_for(plan.base)
@@ -252,9 +305,11 @@ def train(args, argv: list[str], plans) -> int:
             + f", {len(book.of_state(TrialState.RUNNING))} running; {result}"
         )
         driver.close(plan, study)
-    print(f"\nOptuna storage: {redact(url)}\nNext:")
-    for command, why in next_steps(argv, plans, redact(url)):
-        print(f"  {command}    # {why}")
+    print(f"\nOptuna storage: {redact(url)}")
+    if show_next:
+        print("Next:")
+        for command, why in next_steps(argv, plans, redact(url)):
+            print(f"  {command}    # {why}")
     return 1 if failed else 0
 
 
@@ -278,38 +333,52 @@ def next_steps(argv: list[str], plans, storage_url: str) -> list[tuple[str, str]
     import mlflow
 
     client = mlflow.MlflowClient()
-    steps = []
+    steps, pages = [], []
     for experiment in sorted({plan.experiment for plan in plans}):
+        experiment_id = client.get_experiment_by_name(experiment).experiment_id
+        pages.append(experiment_id)
         found = client.search_runs(
-            [client.get_experiment_by_name(experiment).experiment_id],
+            [experiment_id],
             f"tags.kind = 'trial' AND tags.ablation = '{BASELINE_ARM}' AND attributes.status = 'FINISHED'",
             max_results=1,
         )
-        if not found:
+        if not found and not any("design" in plan.arm.tags for plan in plans):  # a design has its own reference
             baseline = shlex.join(["python", "study/run.py", *with_ablation(argv, BASELINE_ARM)])
             steps.append((baseline, "the arm the report compares with; it has no finished run yet"))
         named = ["--experiment", experiment] if experiment != DEFAULT_EXPERIMENT else []
         report = ["python", "reports/build.py", *named]
         steps.append((shlex.join(report), "the report: report/report.html, report.pdf and summary.csv"))
     uri = mlflow.get_tracking_uri()
-    if uri.startswith(("http://", "https://")):
-        steps.append((f"open {uri}", "the runs in the tracking server's UI"))
+    server = uri.startswith(("http://", "https://"))
+    addresses = ", ".join(runs_page(uri if server else MLFLOW_UI, page) for page in pages)
+    if server:
+        steps.append((f"open {runs_page(uri, pages[0])}", "the runs in the tracking server's UI"))
     else:
-        steps.append((f"mlflow ui --backend-store-uri {uri}", "the runs in a browser"))
+        steps.append((f"mlflow ui --backend-store-uri {uri}", f"the runs in a browser: {addresses}"))
     steps.append((f"optuna-dashboard {storage_url}", "the studies in a browser"))
     return steps
 
 
 def build_plans(args, arms, budget) -> list:
+    from study.designs import load_design
     from study.plans import StudyPlan
     from study.search import load_search_space
 
     datasets = [name.strip() for name in args.dataset.split(",") if name.strip()]
     if not datasets:
         raise ConfigError(f"--dataset {args.dataset!r} names no dataset")
-    selected = select_arms(arms, args.ablation)
+    selected = load_design(args.design).arms(budget) if args.design else select_arms(arms, args.ablation)
     space = load_search_space(args.search_space) if args.search else None
-    seeds = [args.seed] if args.seed is not None else list(range(args.seeds or 1))
+    seeds = [args.seed] if args.seed is not None else list(range(args.seeds or (3 if args.until_decided else 1)))
+    settings = {
+        "decision.margin": args.margin,
+        "decision.alpha": f"{args.alpha:g}",
+        "decision.interval": "anytime" if args.until_decided else "fixed",
+    }
+    if args.until_decided:
+        settings["decision.max_seeds"] = str(args.max_seeds)
+        if args.max_cpu_hours is not None:
+            settings["decision.max_cpu_hours"] = f"{args.max_cpu_hours:g}"
     plans = []
     for dataset in datasets:
         for arm in selected:
@@ -325,8 +394,13 @@ def build_plans(args, arms, budget) -> list:
                     search=space.for_budget(base) if space else None,
                     n_trials=args.search or 0,
                     search_seed=args.seed or 0,
+                    tags=settings,
                 )
             )
+    if args.round_seeds:  # a worker of a sequential round: that round's seeds, per arm
+        counts = dict(part.split("=") for part in args.round_seeds.split(","))
+        for plan in plans:
+            plan.seeds = list(range(int(counts[plan.arm.name])))
     return plans
 
 
@@ -340,8 +414,11 @@ def main(argv: list[str] | None = None) -> int:
         for arm in arms.values():
             print(f"{arm.name:<{width}}  {arm.description}")
         return 0
-    if not args.ablation:
-        raise ConfigError("nothing to do; pass --list, or --ablation NAME[,NAME...]|all (see --help)")
+    if args.ablation and args.design:
+        raise ConfigError("--ablation and --design both choose the arms; pass one of them")
+    if not (args.ablation or args.design):
+        raise ConfigError("nothing to do; pass --list, --ablation NAME[,NAME...]|all or --design NAME (see --help)")
+    check_settings(args)
     plans = build_plans(args, arms, budget)
     if args.dry_run:
         for i, plan in enumerate(plans):
@@ -354,7 +431,27 @@ def main(argv: list[str] | None = None) -> int:
                 end="",
             )
         return 0
-    return train(args, sys.argv[1:] if argv is None else argv, plans)
+    argv = sys.argv[1:] if argv is None else argv
+    if args.until_decided and not args.worker:
+        return train_until_decided(args, argv, plans)
+    return train(args, argv, plans)
+
+
+def train_until_decided(args, argv: list[str], plans) -> int:
+    """Rounds of seeds (study/sequential.py); each round trains like any command, its workers told its seeds."""
+    from study.designs import StoppingRule
+    from study.sequential import run_until_decided
+
+    reference = plans[0].arm.name if args.design else BASELINE_ARM
+
+    def train_round(round_plans) -> int:
+        counts = ",".join(f"{plan.arm.name}={len(plan.seeds)}" for plan in round_plans)
+        return train(args, [*argv, "--round-seeds", counts], round_plans, show_next=False)
+
+    code = run_until_decided(plans, train_round, StoppingRule(args.max_seeds, args.max_cpu_hours), reference)
+    named = ["--experiment", args.experiment] if args.experiment != DEFAULT_EXPERIMENT else []
+    print(f"Next:\n  {shlex.join(['python', 'reports/build.py', *named])}    # the report, with every decision")
+    return code
 
 
 def cli(argv: list[str] | None = None) -> int:

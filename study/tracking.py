@@ -36,7 +36,7 @@ from mlflow.utils.mlflow_tags import (
 )
 
 from liquid_diffusion.checkpoint import PREFIX
-from liquid_diffusion.cli import sigterm_as_interrupt
+from liquid_diffusion.cli import artifact_root, sigterm_as_interrupt
 from liquid_diffusion.config import ConfigError, DataConfig, dataset_slug
 from liquid_diffusion.data import ImageSource
 from liquid_diffusion.outcomes import OUTCOMES
@@ -117,14 +117,16 @@ EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_deve
 
 
 def set_experiment(name: str):
-    """mlflow.set_experiment, which another command may be creating at the same instant; a new experiment
-    is marked as model training, and a kind the user chose is kept."""
-    try:
-        experiment = mlflow.set_experiment(name)
-    except MlflowException:  # RESOURCE_ALREADY_EXISTS: the other command won; now it exists
-        experiment = mlflow.set_experiment(name)
+    """mlflow.set_experiment, creating a new experiment with its artifacts beside its store (artifact_root),
+    even when another command creates it at the same instant; a new experiment is marked as model training,
+    and a kind the user chose is kept."""
+    client = mlflow.MlflowClient()
+    if client.get_experiment_by_name(name) is None:
+        with contextlib.suppress(MlflowException):  # RESOURCE_ALREADY_EXISTS: the other command won; it exists
+            client.create_experiment(name, artifact_location=artifact_root(mlflow.get_tracking_uri()))
+    experiment = mlflow.set_experiment(name)
     if EXPERIMENT_KIND_TAG not in experiment.tags:
-        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
     return experiment
 
 

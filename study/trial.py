@@ -31,6 +31,19 @@ from .tracking import (
 )
 
 
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How and where a command's runs execute: the same for all of them, and never part of a run's config.
+    An option added here reaches every trial without touching the signatures in between."""
+
+    device: str = "auto"
+    cache_dir: Path | None = None  # latents, classifier and reference statistics; None = the default cache
+    progress: bool = True
+    weights: InceptionWeights | None = None  # for FID, KID and precision/recall
+    compile: bool = False  # torch.compile the training forward
+    upload_checkpoints: bool = False  # also keep checkpoints in the run's artifacts, for other machines
+
+
 @dataclass
 class TrialOutcome:
     status: str  # the MLflow run's, from outcomes.OUTCOMES
@@ -84,15 +97,10 @@ def run_trial(
     tags: dict[str, str],
     run_dir: Path,
     experiment: str = DEFAULT_EXPERIMENT,
-    device: str = "auto",
-    cache_dir: Path | None = None,
-    progress: bool = True,
-    weights: InceptionWeights | None = None,
+    runtime: RuntimeOptions = RuntimeOptions(),
     parent_run_id: str | None = None,
     report=None,
     source=None,
-    compile: bool = False,
-    upload_checkpoints: bool = False,
     previous_run_id: str | None = None,
 ) -> TrialOutcome:
     """Train `cfg` to its budget, resuming from `run_dir` if an earlier attempt left a checkpoint.
@@ -100,21 +108,22 @@ def run_trial(
     Data, codec and evaluation-weights errors are raised before any MLflow run exists. SIGINT/SIGTERM
     and unexpected errors propagate after the run is marked KILLED or FAILED. `report(metrics, step)`
     sees every logged metric dict and may raise Pruned. `source` is cfg.data's ImageSource if already open.
-    With `upload_checkpoints`, checkpoints also go to the run's artifacts; a folder with no run of its own
-    then continues `previous_run_id` (an earlier attempt on another machine) from its newest uploaded one.
+    With runtime.upload_checkpoints, checkpoints also go to the run's artifacts; a folder with no run of its
+    own then continues `previous_run_id` (an earlier attempt on another machine) from its newest uploaded one.
     """
+    device, cache_dir, progress = runtime.device, runtime.cache_dir, runtime.progress
     run_dir = Path(run_dir)
     run_id = existing_run_id(run_dir)  # StaleRunFolder when the folder's run lives in another tracking store
     if run_id and read_marker(run_dir).get("status") == "FINISHED":
         return TrialOutcome("FINISHED", run_id, run_dir, reason="already finished; nothing to do")
     adopt = None
-    if run_id is None and upload_checkpoints and previous_run_id:
+    if run_id is None and runtime.upload_checkpoints and previous_run_id:
         adopt = _continue_from_artifacts(previous_run_id, run_dir)
 
     source = source or open_source(cfg.data)
     codec = load_codec(cfg.data.codec, cfg.data.codec_weights).to(resolve_device(device))
     latents = load_or_encode(source, codec, cfg.data, cache_dir, progress=progress)
-    evaluator = Evaluator(cfg, source, codec, weights, cache_dir, resolve_device(device), progress)
+    evaluator = Evaluator(cfg, source, codec, runtime.weights, cache_dir, resolve_device(device), progress)
     tags = {**tags, **evaluator.tags}
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -122,7 +131,7 @@ def run_trial(
     try:
         with tracked_run(run_dir, experiment, run_name, tags, cfg.flat(), parent_run_id, adopt) as run:
             # a resumed run logs each step once
-            tracker = MLflowTracker(report, logged_steps(run.info.run_id), upload_checkpoints)
+            tracker = MLflowTracker(report, logged_steps(run.info.run_id), runtime.upload_checkpoints)
             mlflow.log_input(dataset_input(source, cfg.data), context="training")  # MLflow keeps one per run
             mlflow.log_dict(cfg.to_dict(), "config.yaml")
             tracker.log_metrics({"data/images": len(latents), "data/skipped": source.skipped}, step=0)
@@ -135,13 +144,13 @@ def run_trial(
                 device=device,
                 progress=progress,
                 evaluator=evaluator,
-                compile=compile,
+                compile=runtime.compile,
             )
             mlflow.set_tags(
                 {
                     "device": str(trainer.device),
                     "precision": trainer.precision,
-                    "compile": str(compile).lower(),
+                    "compile": str(runtime.compile).lower(),
                     **provenance(),
                 }
             )

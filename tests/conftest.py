@@ -15,7 +15,11 @@ import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # study/ and reports/ are imported as packages from the repository root
-torch.set_num_threads(min(2, torch.get_num_threads()))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of pytest -n 2's workers: a core each, for the commands it starts too
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")
@@ -65,3 +69,31 @@ def run_here(monkeypatch, capsys):
         return subprocess.CompletedProcess(["study/run.py", *args], code, printed.out, printed.err)
 
     return run
+
+
+# What a test may leave in the repository: pytest's and ruff's caches (SHARED_CACHE lives in .pytest_cache),
+# bytecode and the editable install's metadata. Anything else is a test writing into a user's working tree.
+ALLOWED_IN_REPO = (".pytest_cache/", ".ruff_cache/", "__pycache__/", ".egg-info/")
+
+
+def untracked_in_repo() -> set[str]:
+    import subprocess
+
+    listing = subprocess.run(
+        ["git", "status", "--porcelain", "--ignored", "--untracked-files=normal"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    paths = {line[3:] for line in listing.splitlines() if line.startswith(("??", "!!"))}
+    return {p for p in paths if not any(p.endswith(a) or f"/{a}" in f"/{p}" for a in ALLOWED_IN_REPO)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_written_into_the_repository():
+    """Fails the session when a test leaves files in the working tree (mlruns/, outputs/, mlflow.db, ...)."""
+    before = untracked_in_repo()
+    yield
+    new = untracked_in_repo() - before
+    assert not new, f"tests wrote into the working tree: {sorted(new)}"

@@ -69,6 +69,7 @@ def test_the_notebook_is_committed_with_its_outputs_cleared():
     assert 'BUDGET = "t4-30m"' in settings.source and "#@param" in settings.source  # Colab's form fields
 
 
+@pytest.mark.slow  # about 66 s: a Jupyter kernel under papermill, a study and a report (moved from the fast suite)
 def test_the_notebook_runs_top_to_bottom_on_a_cpu(tmp_path):
     code, notebook = execute(tmp_path, "smoke")
     assert code == 0, [text_of(c)[-2000:] for c in code_cells(notebook) if "error" in text_of(c).lower()]

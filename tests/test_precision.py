@@ -188,14 +188,15 @@ def test_out_of_memory_ends_the_run_over_budget(tmp_path):
 
 
 def test_out_of_memory_is_a_failed_over_budget_mlflow_run(tmp_path, monkeypatch):
-    from study.trial import run_trial
+    from study.trial import RuntimeOptions, run_trial
 
     monkeypatch.setenv("LIQUID_DIFFUSION_CACHE", str(tmp_path / "cache"))
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:
         cfg = smoke_config(vram_cap_gb=16).with_overrides({"data.channels": 1})
         with out_of_memory_at(2):
-            outcome = run_trial(cfg, {"kind": "trial"}, tmp_path / "run", "oom", "cpu", tmp_path / "cache", False)
+            runtime = RuntimeOptions("cpu", tmp_path / "cache", progress=False)
+            outcome = run_trial(cfg, {"kind": "trial"}, tmp_path / "run", "oom", runtime)
         run = mlflow.get_run(outcome.run_id)
     finally:
         mlflow.set_tracking_uri(None)
@@ -268,6 +269,7 @@ def test_the_t4_path_profile_keeps_everything_of_t4_30m_but_its_sizes():
     )
 
 
+@pytest.mark.slow  # about 75 s: the SD-VAE architecture encodes and decodes on the CPU (moved from the fast suite)
 def test_the_t4_path_runs_on_the_cpu_with_the_sd_vae_architecture(repo, tmp_path, run_here):
     """t4-path-cpu end to end: real AutoencoderKL architecture (random weights), latent cache, fp16 + GradScaler."""
     from study.gpu_check import random_sd_vae

@@ -124,20 +124,29 @@ def rendered_text(url: str) -> str:
     return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", dom)))
 
 
-@pytest.mark.slow  # about a minute: MLflow's server starts, and the UI renders twice
+@pytest.mark.slow  # about a minute: MLflow's server starts, and the UI renders three times
 @pytest.mark.skipif(not BROWSER, reason="no headless Chromium: .ci/run installs Debian's chromium-headless-shell")
 def test_mlflow_s_ui_shows_the_runs_with_their_dataset_source_and_description(quick_start):
-    folder, _, _ = quick_start
+    folder, _, steps = quick_start
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
     experiment = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_experiment_by_name("liquid-diffusion")
     [trial] = trial_runs(env, "liquid-diffusion", ablation="no_relax")
+    # the address the "Next:" line prints beside `mlflow ui`, as a user would paste it
+    [printed] = re.findall(r"the runs in a browser: (\S+)", steps["train baseline"].stdout)
+    assert (
+        printed == f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+    )
     port = free_port()
     command = ["mlflow", "server", "--backend-store-uri", "sqlite:///mlflow.db", "--host", "127.0.0.1"]
     with serving([*command, "--port", str(port), "--workers", "1"], port, folder, "/health") as url:
-        runs_page = rendered_text(f"{url}/#/experiments/{experiment.experiment_id}/runs")
+        runs_page = rendered_text(printed.replace("http://127.0.0.1:5000", url))
+        bare_page = rendered_text(f"{url}/#/experiments/{experiment.experiment_id}/runs")  # no view in the address
         run_page = rendered_text(f"{url}/#/experiments/{experiment.experiment_id}/runs/{trial.info.run_id}")
-    # the runs table (not the GenAI overview): one row per study, its trials nested under it
-    assert "Training runs" in runs_page, runs_page[-1500:]
+    # a fresh browser on the printed address: the Model training view (its sidebar has the model registry),
+    # where the bare address opens MLflow 3's GenAI view (Judges, Sessions, ...) around the same table
+    assert "Model registry" in runs_page and "Judges" not in runs_page, runs_page[:1500]
+    assert "Judges" in bare_page and "Model registry" not in bare_page, bare_page[:1500]
+    # the runs table: one row per study, its trials nested under it
     dataset = f"mnist ({trial.inputs.dataset_inputs[0].dataset.digest}) training"  # the Dataset column
     for text in ("no_relax:mnist:cpu-smoke", "baseline:mnist:cpu-smoke", "run.py --ablation no_relax", dataset):
         assert text in runs_page, f"{text!r} not on the rendered runs page: {runs_page[-1500:]}"

@@ -213,3 +213,29 @@ def test_unverified_inception_weights_are_flagged_in_the_report(repo, tmp_path):
     assert "afhq: objective eval/fid_unverified" in page and "Inception weights: UNVERIFIED" in page
     summary = pd.read_csv(tmp_path / "out" / "summary.csv").set_index("arm")
     assert summary.loc["no_relax", "delta"] == pytest.approx(2.0)
+
+
+def test_a_one_seed_report_labels_its_axes_with_plain_numbers(tmp_path, monkeypatch):
+    """The report right after the quick start: one arm, one seed. matplotlib would label the per-seed axis
+    with an offset ("1e-6+1.7003") and ticks 20.0 ... 22.0; the report's axes show plain numbers."""
+    import reports.figures as figures
+    from reports.build import cli
+
+    drawn, finish = {}, figures.finish
+
+    def keep(fig, caption):
+        fig.canvas.draw()  # tick labels and the offset text are set when drawn
+        drawn[caption] = [
+            (ax.xaxis.get_major_formatter().get_offset(), [t.get_text() for t in ax.get_xticklabels()])
+            for ax in fig.axes
+        ]
+        return finish(fig, caption)
+
+    monkeypatch.setattr(figures, "finish", keep)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    make_experiment(MlflowClient(uri), "one", {"no_relax": [1.70030217]})  # the point shows 6 digits, the mean all
+    assert cli(["--experiment", "one", "--out", str(tmp_path / "out"), "--tracking-uri", uri]) == 0
+    [(offset, ticks)] = next(axes for caption, axes in drawn.items() if "each seed's final" in caption)
+    assert offset == ""
+    numbers = [float(t.replace("−", "-")) for t in ticks if t]
+    assert all(1.5 < n < 1.9 for n in numbers) and len(numbers) >= 3

@@ -118,7 +118,8 @@ def in_process(store, monkeypatch):
 def test_non_finite_loss_marks_the_run_failed_with_the_reason(in_process, monkeypatch, tmp_path):
     trial, cfg, env = in_process
     monkeypatch.setattr(trial, "load_or_encode", lambda *args, **kwargs: torch.full((32, 1, 8, 8), float("nan")))
-    outcome = trial.run_trial(cfg, {"ablation": "baseline"}, tmp_path / "run", "nan", device="cpu", progress=False)
+    runtime = trial.RuntimeOptions(device="cpu", progress=False)
+    outcome = trial.run_trial(cfg, {"ablation": "baseline"}, tmp_path / "run", "nan", runtime)
     assert outcome.status == "FAILED" and outcome.reason == "non-finite loss at step 1"
     run = client_for(env).get_run(outcome.run_id)
     assert run.info.status == "FAILED"
@@ -133,9 +134,8 @@ def test_unexpected_error_marks_the_run_failed_with_the_error(in_process, monkey
 
     monkeypatch.setattr(trial.Trainer, "run", broken_run)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        trial.run_trial(
-            cfg, {"ablation": "baseline", "kind": "trial"}, tmp_path / "run", "crash", device="cpu", progress=False
-        )
+        runtime = trial.RuntimeOptions(device="cpu", progress=False)
+        trial.run_trial(cfg, {"ablation": "baseline", "kind": "trial"}, tmp_path / "run", "crash", runtime)
     [run] = trial_runs(env, "crash")
     assert run.info.status == "FAILED" and run.data.tags["error"] == "RuntimeError: disk on fire"
 
@@ -195,3 +195,17 @@ def test_fid_objective_without_weights_fails_before_training(repo, store, tmp_pa
     )
     assert_clean_error(result, "--inception-weights PATH")
     assert trial_runs(env, "noweights") == [] and not (tmp_path / "out").exists()
+
+
+def test_one_more_seed_continues_the_same_study(tmp_path, monkeypatch, run_here):
+    """`--seed 1` after `--seeds 1` adds a trial to the study `--seeds 1` began: a study's trials are its seeds,
+    so the seed is not part of the config that a rerun must match (study/plan.py trains its pilot this way)."""
+    monkeypatch.chdir(tmp_path)
+    env = study_env(tmp_path)
+    args = ("--ablation", "no_relax", "--budget", "cpu-smoke", "--no-progress", "--out", str(tmp_path / "out"))
+    assert run_here(env, *args, "--seeds", "1").returncode == 0
+    second = run_here(env, *args, "--seed", "1")
+    assert second.returncode == 0, second.stderr
+    runs = trial_runs(env, "liquid-diffusion")
+    assert sorted(r.data.tags["seed"] for r in runs) == ["0", "1"]
+    assert {r.data.tags["study"] for r in runs} == {"liquid-diffusion:no_relax:mnist:cpu-smoke"}

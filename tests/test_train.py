@@ -90,7 +90,7 @@ class SlowEvaluator:
     def __init__(self, seconds):
         self.seconds = seconds
 
-    def evaluate(self, sample, batch_size):
+    def evaluate(self, sample, batch_size, prefix="eval/", repeat=0):
         time.sleep(self.seconds)
         return {"eval/mean": float(sample(torch.randn(2, 1, 8, 8)).mean())}
 
@@ -119,6 +119,7 @@ def test_cosine_schedule_warms_up_then_decays_to_zero(tmp_path):
     assert values[1:] == sorted(values[1:], reverse=True)
 
 
+@pytest.mark.slow  # torch.compile builds its C++ kernels first: 6.5 minutes on one core of a fresh machine
 def test_compiled_training_matches_eager_training(tmp_path):
     eager, compiled = Recorder(), Recorder()
     cfg = smoke_config(images=48)
@@ -164,3 +165,57 @@ def test_a_checkpoint_written_under_another_config_is_never_loaded(tmp_path):
     # and the study never points two configs at one folder: its name carries the config's digest
     folders = {run_dir_for(tmp_path, "e", "baseline", cfg, "cpu-smoke") for cfg in (smoke_config(), changed)}
     assert len(folders) == 2
+
+
+class ImageEvaluator:
+    """Stands in for Evaluator: keeps the images the EMA weights make from each repeat's noise, by step."""
+
+    def __init__(self):
+        self.images, self.step = {}, 0
+
+    def evaluate(self, sample, batch_size, prefix="eval/", repeat=0):
+        from liquid_diffusion.evaluate import noise_for
+
+        images = sample(noise_for(range(4), (1, 8, 8), repeat))
+        self.images[(self.step, prefix)] = images
+        return {f"{prefix}mean": float(images.mean())}
+
+
+def _evaluated(tmp_path, cfg):
+    evaluator, recorder = ImageEvaluator(), MetricRecorder()
+    trainer = make_trainer(tmp_path, cfg, recorder, evaluator=evaluator)
+    original = trainer.evaluate
+
+    def evaluate():
+        evaluator.step = trainer.images_seen
+        return original()
+
+    trainer.evaluate = evaluate
+    trainer.run()
+    return evaluator.images, recorder
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_an_evaluation_along_a_long_run_is_the_end_of_a_short_one_only_with_a_constant_schedule(tmp_path, schedule):
+    """The pilot's premise (study/plan.py): evaluating a 96-image run at 48 images gives what a 48-image run
+    ends with, bit for bit, EMA and warmup included. A cosine schedule decays towards its own end, so there
+    the two differ: the check can fail, and the pilot refuses such a budget."""
+    # one warmup step, so that the cosine's decay has begun by the third step
+    short, _ = _evaluated(tmp_path / "short", smoke_config(images=48, warmup_images=16, lr_schedule=schedule))
+    cfg = smoke_config(images=96, warmup_images=16, eval_every_images=96, eval_at_images=[48], lr_schedule=schedule)
+    long, recorder = _evaluated(tmp_path / "long", cfg)
+    assert sorted(step for step, _ in long) == [48, 96]
+    same = torch.equal(short[(48, "eval/")], long[(48, "eval/")])
+    assert same == (schedule == "constant")
+    cpu = [m["time/train_cpu_s"] for _, m in recorder.logged if "time/train_cpu_s" in m]
+    assert len(cpu) == 2 and 0 < cpu[0] < cpu[1]  # the training cost up to each evaluation, growing
+
+
+def test_noise_repeats_evaluate_the_same_weights_with_fresh_noise_under_their_own_prefix(tmp_path):
+    one, _ = _evaluated(tmp_path / "one", smoke_config(images=48))
+    three, recorder = _evaluated(tmp_path / "three", smoke_config(images=48).with_overrides({"eval.noise_repeats": 3}))
+    assert set(three) == {(48, "eval/"), (48, "eval_repeat1/"), (48, "eval_repeat2/")}
+    assert torch.equal(one[(48, "eval/")], three[(48, "eval/")])  # repeat 0 is the protocol's own noise
+    assert not torch.equal(three[(48, "eval/")], three[(48, "eval_repeat1/")])
+    logged = {k for _, m in recorder.logged for k in m}
+    assert {"eval/mean", "eval_repeat1/mean", "eval_repeat2/cpu_s", "eval/cpu_s"} <= logged
