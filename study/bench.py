@@ -103,19 +103,28 @@ def candidates(presets: list[str], channels: int, resolution: int, compile_: boo
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def matmul_peak(dtype: torch.dtype, device: torch.device | None = None, n: int = 2048, reps: int = 5) -> float:
+def matmul_peak(dtype: torch.dtype, device: torch.device | None = None, n_max: int = 2048, reps: int = 5) -> float:
     """The device's matmul throughput in FLOP/s: the median of `reps` n x n products after one warm-up.
-    The yardstick for a step's FLOP/s, measured in the same process just before, on the same threads."""
+    The yardstick for a step's FLOP/s, measured in the same process just before, on the same threads.
+    n doubles from 256 to `n_max` while one product takes under 50 ms: a dtype the CPU only emulates (bf16
+    without AVX-512 bf16 or AMX ran at about 1 GFLOP/s on an AVX2 EPYC, 17 s a 2048 product) is measured at
+    the size where it already takes that long, and the measurement ends in seconds rather than minutes."""
     device = device or torch.device("cpu")
-    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
-    times = []
-    for _ in range(reps + 1):
+
+    def product_seconds(a: torch.Tensor, b: torch.Tensor) -> float:
         start = time.perf_counter()
         a @ b
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # kernels run asynchronously: wait before reading the clock
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times[1:])  # the first is the warm-up
+        return time.perf_counter() - start
+
+    n = 256
+    while True:
+        a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+        if product_seconds(a, b) >= 0.05 or n >= n_max:  # this first product is also the warm-up
+            break
+        n *= 2
+    return 2 * n**3 / statistics.median(product_seconds(a, b) for _ in range(reps))
 
 
 def _conv_backward_flop(
@@ -417,7 +426,9 @@ def main(argv=None) -> int:
     if args.mlflow:
         import mlflow
 
-        mlflow.set_experiment("bench")
+        from study.tracking import set_experiment
+
+        set_experiment("bench")
         with mlflow.start_run(run_name="quick" if args.quick else "full"):
             mlflow.log_params(
                 {

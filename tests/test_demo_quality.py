@@ -1,6 +1,7 @@
 """The quality bar of the default demo: `python study/run.py --ablation no_relax` makes recognisable digits.
 
-Slow (the whole cpu-demo budget, about 10 minutes on two cores): run with `pytest -m slow`.
+Slow (the whole cpu-demo budget: 7-13 minutes on a 2-core Xeon, about 37 on a 2-core AVX2 EPYC): run with
+`pytest -m slow`.
 """
 
 import os
@@ -23,6 +24,7 @@ def test_default_demo_samples_are_recognisable_digits(repo, tmp_path):
         **os.environ,
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "LIQUID_DIFFUSION_CACHE": str(tmp_path / "cache"),
+        "OMP_NUM_THREADS": "2",  # the two cores a user's demo gets, even when this test runs in a pytest -n worker
     }
     start = time.perf_counter()
     result = subprocess.run(
@@ -31,7 +33,7 @@ def test_default_demo_samples_are_recognisable_digits(repo, tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=1800,
+        timeout=3600,  # the AVX2 EPYC needs about 37 minutes; cpu-demo's own wall cap is 60
     )
     minutes = (time.perf_counter() - start) / 60
     assert result.returncode == 0, result.stderr[-3000:]
@@ -58,7 +60,11 @@ def test_default_demo_samples_are_recognisable_digits(repo, tmp_path):
     assert accuracy >= 0.97
     assert score.confident_frac >= 0.70
     assert score.classes_present == 10
-    assert logged["eval/confident_frac"] >= 0.70 and max(m.value for m in evals) <= 60
+    assert logged["eval/confident_frac"] >= 0.70
+    # Evaluation must stay a small part of the run. A bound in seconds fails on a slower CPU for reasons of the
+    # CPU, so it is a share of the training time logged beside it: about 10% measured (41 s of a 7.7-minute run).
+    train_seconds = client.get_metric_history(run.info.run_id, "time/train_s")[-1].value
+    assert sum(m.value for m in evals) <= 0.15 * train_seconds
     # Confident classes alone can come from noise, so the bar also needs the right mix and the right
     # distribution. Measured: class_entropy 2.290 of ln 10 = 2.303; all mass on 8 classes at most
     # gives ln 8 = 2.08, so 2.15 asks for nine or ten classes in near-even shares. fd_digits was 1.71;
