@@ -85,7 +85,7 @@ def sql_store(client: mlflow.MlflowClient):
     return store if hasattr(store, "get_metric_history_bulk") else None
 
 
-def _histories(client, run_ids: list[str], keys: set[str]) -> pd.DataFrame:
+def metric_histories(client, run_ids: list[str], keys: set[str]) -> pd.DataFrame:
     """Every point of `keys` for `run_ids`: one query per key on SQL stores, else one request per (run, key)."""
     store = sql_store(client)
     rows = []
@@ -125,7 +125,7 @@ def collect(experiment_name: str) -> Collected:
     frame = frame[frame["run_status"] != "RUNNING"].reset_index(drop=True)
     keys = set(HISTORY_KEYS) | set(frame["tag:eval.objective"].dropna())
     histories = (
-        _histories(client, list(frame["run_id"]), keys)
+        metric_histories(client, list(frame["run_id"]), keys)
         if len(frame)
         else pd.DataFrame(columns=["run_id", "key", "step", "value"])
     )

@@ -32,7 +32,6 @@ MARGIN_TEXT = "5%"  # the default equivalence margin: a share of the reference a
 # The mixture's prior precision (savvi's default is 1). 0.25 keeps the interval finite from 5 paired seeds and near
 # its narrowest at 4-10 seeds, the sizes a CPU study can pay for.
 PHI = 0.25
-DECISIONS = ("better", "worse", "equivalent", "undecided")
 MAX_EXTRA_SEEDS = 200
 
 

@@ -161,7 +161,7 @@ def pilot_frames(experiment: str, budget: str, lengths: list[int], repeats: int,
     import mlflow
     import pandas as pd
 
-    from reports.collect import _histories
+    from reports.collect import metric_histories
 
     client = mlflow.MlflowClient()
     found = client.get_experiment_by_name(experiment)
@@ -174,17 +174,18 @@ def pilot_frames(experiment: str, budget: str, lengths: list[int], repeats: int,
     objective = runs["tags.eval.objective"].mode().iloc[0].removeprefix("eval/")
     keys = {f"{eval_prefix(k)}{objective}" for k in range(repeats)}
     keys |= {"eval/cpu_s", "eval/seconds", "time/train_cpu_s", "time/train_s"}
-    history = _histories(client, list(runs["run_id"]), keys)
+    history = metric_histories(client, list(runs["run_id"]), keys)
     who = runs.set_index("run_id")[["tags.ablation", "tags.seed"]]
     history["arm"] = history["run_id"].map(who["tags.ablation"])
     history["seed"] = history["run_id"].map(who["tags.seed"]).astype(int)
     values, costs = [], []
     for (_run, arm, seed), points in history.groupby(["run_id", "arm", "seed"]):
-        steps = sorted(points["step"].unique())
         at = points.pivot_table(index="step", columns="key", values="value", aggfunc="last")
+        if not keys <= set(at.columns):  # a run that has not reached its first evaluation yet
+            continue
         for length in lengths:
-            step = next((s for s in steps if s >= length and s in at.index), None)
-            if step is None or not all(key in at.columns for key in keys):
+            step = next((s for s in at.index if s >= length), None)  # pivot_table sorts the steps
+            if step is None:
                 continue
             row = at.loc[step]
             values += [
@@ -211,10 +212,9 @@ def recommended_profile(budget: OverrideSet, row, pilot_seeds: int) -> dict:
     return {name: {"description": sizing.describe(row, pilot_seeds), "overrides": overrides}}
 
 
-def log_pilot(experiment: str, table, objective: str, profile: dict, settings: dict) -> str:
+def log_pilot(experiment: str, table, objective: str, profile_yaml: str, settings: dict) -> str:
     """The pilot's own MLflow run (tag kind=pilot): its table, figure, profile and settings."""
     import mlflow
-    import yaml
 
     from reports.figures import sizing as sizing_figure
     from study.tracking import set_experiment
@@ -225,7 +225,7 @@ def log_pilot(experiment: str, table, objective: str, profile: dict, settings: d
         with tempfile.TemporaryDirectory() as tmp:
             table.to_csv(Path(tmp) / "sizing.csv", index=False)
             (Path(tmp) / "sizing.png").write_bytes(sizing_figure(table, objective).png)
-            (Path(tmp) / "recommended-budget.yaml").write_text(yaml.safe_dump(profile, sort_keys=False, width=100))
+            (Path(tmp) / "recommended-budget.yaml").write_text(profile_yaml)
             mlflow.log_artifacts(tmp)
     return run.info.run_id
 
@@ -304,14 +304,15 @@ def main(argv: list[str] | None = None) -> int:
     chosen = table[table["recommended"]]
     if chosen.empty:
         print(f"no length reaches {args.power:.0%} power within {sizing.MAX_SEEDS} seeds; no profile recommended")
-        log_pilot(args.experiment, table, objective, {}, settings)
+        log_pilot(args.experiment, table, objective, yaml.safe_dump({}), settings)
         return 1
     profile = recommended_profile(budget, chosen.iloc[0], seeds_done)
-    run_id = log_pilot(args.experiment, table, objective, profile, settings)
+    profile_yaml = yaml.safe_dump(profile, sort_keys=False, width=100)
+    run_id = log_pilot(args.experiment, table, objective, profile_yaml, settings)
     path = args.write_budget or args.out / args.experiment / "recommended-budget.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(profile, sort_keys=False, width=100))
+    tmp.write_text(profile_yaml)
     tmp.replace(path)  # never a half-written profile
     name, row = next(iter(profile)), chosen.iloc[0]
     print(

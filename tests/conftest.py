@@ -7,6 +7,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -77,8 +78,6 @@ ALLOWED_IN_REPO = (".pytest_cache/", ".ruff_cache/", "__pycache__/", ".egg-info/
 
 
 def untracked_in_repo() -> set[str]:
-    import subprocess
-
     listing = subprocess.run(
         ["git", "status", "--porcelain", "--ignored", "--untracked-files=normal"],
         cwd=REPO,
